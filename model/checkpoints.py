@@ -1,0 +1,193 @@
+"""Every checkpoint format a user holds, read from local files only.
+
+- released: the authors' DepthFlow_mitb*.pth / FakeFlow_mitb*.pth (HF 4.x names under `vos.`, maybe `module.`)
+- project: this repository's training checkpoint (model, optimizer, epoch, config, RNG states)
+- ImageNet MiT to start training from: HF `nvidia/mit-b*` (.bin or .safetensors) or NVlabs `mit_b*.pth`
+"""
+
+from pathlib import Path
+
+import torch
+
+from model import mit_keys
+from model.depthflow import DepthFlow
+from model.mit import HF_LAYER_NORM_EPS
+from utils.errors import UserError
+from utils.io import save_torch_atomic
+
+PROJECT_FORMAT = "depthflow-project"
+PROJECT_VERSION = 1
+
+RELEASED_HINT = ("the authors' release (DepthFlow_mitb{0,1,2}.pth or FakeFlow_mitb{0,1,2}.pth; "
+                 "see README, 'Checkpoints')")
+PRETRAINED_HINT = ("the HF hub repo nvidia/mit-b{0,1,2} (pytorch_model.bin or model.safetensors) "
+                   "or NVlabs SegFormer's mit_b{0,1,2}.pth (see README, 'Checkpoints')")
+
+# Released names of the two encoders, and where the HF encoder sits inside each.
+_RELEASED_ENCODERS = {"app_encoder": "appearance_encoder", "mo_encoder": "motion_encoder"}
+_HF_ENCODER_PREFIX = "backbone.encoder."
+
+
+def read_file(path, hint: str) -> dict:
+    """Load a .pth/.bin (weights_only) or .safetensors file as a dict, or fail with one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path} (expected a file from {hint})")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch/safetensors report corruption with many exception types
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path} is not a readable checkpoint (truncated or not a PyTorch file: {reason})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a {type(obj).__name__}, expected a state dict or a training checkpoint")
+    return obj
+
+
+def _strip(state_dict: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def _unwrap(obj: dict) -> dict:
+    if set(obj) == {"state_dict"} or set(obj) == {"model"}:
+        obj = next(iter(obj.values()))
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = _strip(obj, "module.")
+    return obj
+
+
+def detect_format(obj: dict) -> str:
+    """One of: project, released, hf-mit, nvlabs-mit, timm-mit, unknown."""
+    if obj.get("format") == PROJECT_FORMAT:
+        return "project"
+    sd = _unwrap(obj)
+    if any(k.startswith("vos.") for k in sd):
+        return "released"
+    if any(k.startswith(("segformer.encoder.", "encoder.patch_embeddings.")) for k in sd):
+        return "hf-mit"
+    if "patch_embed1.proj.weight" in sd:
+        return "nvlabs-mit"
+    if "patch_embed.proj.weight" in sd:
+        return "timm-mit"
+    return "unknown"
+
+
+def released_to_model(state_dict: dict) -> tuple[dict, str]:
+    """Released DepthFlow/FakeFlow state dict -> (this project's DepthFlow state dict, backbone)."""
+    sd = _strip(_unwrap(state_dict), "vos.")
+    out, backbones = {}, set()
+    for released, ours in _RELEASED_ENCODERS.items():
+        enc = _strip(sd, f"{released}.")
+        hf = _strip(enc, _HF_ENCODER_PREFIX)
+        backbone = mit_keys.infer_backbone(hf, "hf")
+        if backbone is None:
+            raise ValueError(f"the {released} weights match no MiT-B0/B1/B2 layout")
+        backbones.add(backbone)
+        out.update({f"{ours}.mit.{k}": v for k, v in mit_keys.convert(hf, backbone, "hf", "timm").items()})
+        for buffer in ("mean", "std"):
+            out[f"{ours}.{buffer}"] = enc[buffer]
+    if len(backbones) != 1:
+        raise ValueError(f"the two encoders are different MiT versions: {sorted(backbones)}")
+    out.update({f"decoder.{k}": v for k, v in _strip(sd, "decoder.").items()})
+    return out, backbones.pop()
+
+
+def model_to_released(state_dict: dict, backbone: str) -> dict:
+    """This project's DepthFlow state dict -> the released layout (inverse of released_to_model)."""
+    out = {}
+    for released, ours in _RELEASED_ENCODERS.items():
+        enc = _strip(state_dict, f"{ours}.")
+        timm_sd = _strip(enc, "mit.")
+        hf = mit_keys.convert(timm_sd, backbone, "timm", "hf")
+        out.update({f"vos.{released}.{_HF_ENCODER_PREFIX}{k}": v for k, v in hf.items()})
+        for buffer in ("mean", "std"):
+            out[f"vos.{released}.{buffer}"] = enc[buffer]
+    out.update({f"vos.decoder.{k}": v for k, v in _strip(state_dict, "decoder.").items()})
+    return out
+
+
+def _checked_load(model: torch.nn.Module, state_dict: dict, path) -> None:
+    result = model.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise UserError(
+            f"{path} does not fit the DepthFlow network: missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}")
+
+
+def _backbone_mismatch(path, found: str, wanted: str) -> UserError:
+    return UserError(f"{Path(path).name} holds a {found} model; --backbone is {wanted} ({path})")
+
+
+def load_depthflow(path, backbone: str | None = None, size: int = 512, map_location="cpu") -> DepthFlow:
+    """Build DepthFlow from a released or project checkpoint. `backbone`, if given, must match the file."""
+    obj = read_file(path, RELEASED_HINT)
+    fmt = detect_format(obj)
+    if fmt == "project":
+        config = obj["config"]
+        found, eps, state_dict = config["backbone"], config["layer_norm_eps"], obj["model"]
+    elif fmt == "released":
+        try:
+            state_dict, found = released_to_model(obj)
+        except (ValueError, KeyError) as err:
+            raise UserError(f"{path} looks like a released DepthFlow checkpoint but is incomplete: {err}") from None
+        eps = HF_LAYER_NORM_EPS
+    elif fmt in ("hf-mit", "nvlabs-mit", "timm-mit"):
+        raise UserError(f"{path} holds ImageNet MiT encoder weights ({fmt}), not a DepthFlow model; "
+                        f"pass it with --pretrained to start training, and --checkpoint a DepthFlow file")
+    else:
+        raise UserError(f"{path} is not a DepthFlow checkpoint (expected a file from {RELEASED_HINT} "
+                        f"or one written by run.py --train)")
+    if backbone is not None and found != backbone:
+        raise _backbone_mismatch(path, found, backbone)
+    model = DepthFlow(found, size=size, layer_norm_eps=eps)
+    _checked_load(model, state_dict, path)
+    return model.to(map_location)
+
+
+def load_pretrained_mit(model: DepthFlow, path) -> str:
+    """Initialise both encoders from ImageNet MiT weights (HF hub or NVlabs layout). Returns the layout."""
+    obj = _unwrap(read_file(path, PRETRAINED_HINT))
+    fmt = detect_format(obj)
+    if fmt == "hf-mit":
+        sd = _strip(obj, "segformer.") if any(k.startswith("segformer.") for k in obj) else obj
+        sd, layout = _strip(sd, "encoder."), "hf"
+    elif fmt == "nvlabs-mit":
+        sd, layout = {k: v for k, v in obj.items() if not k.startswith("head.")}, "nvlabs"
+    elif fmt == "timm-mit":
+        sd, layout = {k: v for k, v in obj.items() if not k.startswith("head.")}, "timm"
+    else:
+        raise UserError(f"{path} is not an ImageNet MiT checkpoint (expected {PRETRAINED_HINT})")
+    found = mit_keys.infer_backbone(sd, layout)
+    if found is None:
+        raise UserError(f"{path} matches no MiT-B0/B1/B2 layout (expected {PRETRAINED_HINT})")
+    if found != model.backbone:
+        raise _backbone_mismatch(path, found, model.backbone)
+    try:
+        timm_sd = mit_keys.convert(sd, found, layout, "timm")
+    except mit_keys.KeyMismatch as err:
+        raise UserError(f"{path}: {err}") from None
+    for encoder in (model.appearance_encoder, model.motion_encoder):
+        encoder.mit.load_state_dict(timm_sd, strict=True)
+    return layout
+
+
+def model_config(model: DepthFlow) -> dict:
+    return {"backbone": model.backbone, "size": model.size, "layer_norm_eps": model.layer_norm_eps}
+
+
+def save_project_checkpoint(path, model: DepthFlow, **training_state) -> None:
+    """Write atomically: {format, version, config, model, **training_state} (optimizer, epoch, rng, ...)."""
+    payload = {"format": PROJECT_FORMAT, "version": PROJECT_VERSION, "config": model_config(model),
+               "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    payload.update(training_state)
+    save_torch_atomic(payload, path)
+
+
+def read_project_checkpoint(path) -> dict:
+    obj = read_file(path, "a previous run.py --train (its output folder)")
+    if detect_format(obj) != "project":
+        raise UserError(f"{path} is not a training checkpoint written by run.py --train")
+    return obj

@@ -1,0 +1,53 @@
+"""The DepthFlow / FakeFlow network: appearance and motion MiT encoders, summed, then the CBAM decoder."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.decoder import Decoder
+from model.mit import HF_LAYER_NORM_EPS, MiTEncoder
+
+
+def resize_bicubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+
+
+class DepthFlow(nn.Module):
+    """Two-stream video object segmentation network.
+
+    Args:
+        backbone: MiT version of both encoders, "mitb0", "mitb1" or "mitb2".
+        size: side of the square internal resolution; the published model runs at 512.
+        layer_norm_eps: 1e-5 for the released checkpoints (trained under HF transformers).
+    """
+
+    def __init__(self, backbone: str = "mitb0", size: int = 512, layer_norm_eps: float = HF_LAYER_NORM_EPS):
+        super().__init__()
+        if size % 32:
+            raise ValueError(f"size must be a multiple of 32, got {size}")
+        self.backbone = backbone
+        self.size = size
+        self.layer_norm_eps = layer_norm_eps
+        self.appearance_encoder = MiTEncoder(backbone, layer_norm_eps)
+        self.motion_encoder = MiTEncoder(backbone, layer_norm_eps)
+        self.decoder = Decoder(self.appearance_encoder.out_channels)
+
+    def forward(self, image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        """image, flow: Bx3xHxW in [0, 1]. Returns Bx2xHxW two-class logits at the input's size."""
+        out_size = tuple(image.shape[-2:])
+        logits = self.forward_internal(image, flow)
+        return resize_bicubic(logits, out_size)
+
+    def forward_internal(self, image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        """Logits at the internal size x size resolution (where training computes its loss)."""
+        square = (self.size, self.size)
+        appearance = self.appearance_encoder(resize_bicubic(image, square))
+        motion = self.motion_encoder(resize_bicubic(flow, square))
+        return self.decoder([a + m for a, m in zip(appearance, motion)])
+
+    @torch.no_grad()
+    def predict(self, image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        """BxHxW uint8 masks, 1 = object."""
+        return self(image, flow).argmax(dim=1).to(torch.uint8)

@@ -1,0 +1,156 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from model import DepthFlow
+from model import convert as convert_cmd
+from model.checkpoints import (
+    load_depthflow,
+    load_pretrained_mit,
+    read_project_checkpoint,
+    save_project_checkpoint,
+)
+from model.mit_keys import convert
+from tests.conftest import assert_one_line_error, run_cli, run_main
+from tests.reference_net import random_reference
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """{backbone: (reference network, path of its released-format checkpoint)}, built lazily."""
+    cache = {}
+
+    def make(backbone):
+        if backbone not in cache:
+            ref = random_reference(backbone, seed=hash(backbone) % 1000)
+            path = tmp_path_factory.mktemp(backbone) / f"DepthFlow_{backbone}.pth"
+            torch.save(ref.state_dict(), path)
+            cache[backbone] = ref, path
+        return cache[backbone]
+
+    return make
+
+
+@pytest.mark.parametrize("backbone", ["mitb0", "mitb1", "mitb2"])
+def test_released_checkpoint_reproduces_reference_at_512(released, backbone):
+    ref, path = released(backbone)
+    model = load_depthflow(path, backbone=backbone).eval()
+    image, flow = torch.rand(1, 3, 240, 427), torch.rand(1, 3, 240, 427)
+    with torch.no_grad():
+        expected, got = ref(image, flow), model(image, flow)
+    ref_mask = expected.argmax(1)
+    assert 0.05 < ref_mask.float().mean() < 0.95, "test needs both classes present"
+    assert (expected - got).abs().max() <= 1e-3
+    assert (model.predict(image, flow) == ref_mask).float().mean() >= 0.999
+
+
+def test_dataparallel_prefix_and_fakeflow_name(released, tmp_path):
+    ref, _ = released("mitb0")
+    path = tmp_path / "FakeFlow_mitb0.pth"
+    torch.save({f"module.{k}": v for k, v in ref.state_dict().items()}, path)
+    model = load_depthflow(path).eval()
+    image = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(image, image), ref(image, image), atol=1e-3, rtol=0)
+
+
+def test_convert_round_trip_is_exact(released, tmp_path, capsys):
+    ref, path = released("mitb0")
+    project, back = tmp_path / "project.pth", tmp_path / "back.pth"
+    rc, out, err = run_main(convert_cmd.main, path, project, capsys=capsys)
+    assert rc == 0, err
+    rc, out, err = run_cli("-m", "model.convert", project, back, "--to", "released")
+    assert rc == 0, err
+    original, restored = ref.state_dict(), torch.load(back, weights_only=True)
+    assert original.keys() == restored.keys()
+    assert all(torch.equal(original[k], restored[k]) for k in original)
+    assert read_project_checkpoint(project)["config"] == {"backbone": "mitb0", "size": 512, "layer_norm_eps": 1e-5}
+
+
+def test_project_checkpoint_keeps_training_state(tmp_path):
+    model = DepthFlow("mitb0", size=64)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    model(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "ckpt" / "last.pth"
+    save_project_checkpoint(path, model, optimizer=optimizer.state_dict(), epoch=7,
+                            rng={"torch": torch.get_rng_state()})
+    assert [p.name for p in path.parent.iterdir()] == ["last.pth"], "no temporary file left behind"
+    state = read_project_checkpoint(path)
+    assert state["epoch"] == 7
+    restored = load_depthflow(path, size=64)
+    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), model.state_dict().values()))
+    fresh = torch.optim.Adam(restored.parameters(), lr=1e-5)
+    fresh.load_state_dict(state["optimizer"])
+    assert fresh.state_dict()["state"][0]["step"] == 1
+
+
+def _hf_encoder_state(backbone):
+    return {f"encoder.{k}": v for k, v in convert(
+        DepthFlow(backbone, size=64).appearance_encoder.mit.state_dict(), backbone, "timm", "hf").items()}
+
+
+@pytest.mark.parametrize("fmt", ["hf-bin", "hf-safetensors", "nvlabs"])
+def test_pretrained_formats_initialise_both_encoders(tmp_path, fmt):
+    source = DepthFlow("mitb0", size=64).appearance_encoder.mit.state_dict()
+    if fmt == "nvlabs":
+        sd = {**convert(source, "mitb0", "timm", "nvlabs"), "head.weight": torch.zeros(1000, 256),
+              "head.bias": torch.zeros(1000)}
+        path = tmp_path / "mit_b0.pth"
+        torch.save(sd, path)
+    else:
+        sd = {f"segformer.encoder.{k}": v for k, v in convert(source, "mitb0", "timm", "hf").items()}
+        sd.update({"classifier.weight": torch.zeros(1000, 256), "classifier.bias": torch.zeros(1000)})
+        path = tmp_path / ("model.safetensors" if fmt == "hf-safetensors" else "pytorch_model.bin")
+        save_file(sd, str(path)) if fmt == "hf-safetensors" else torch.save(sd, path)
+    model = DepthFlow("mitb0", size=64)
+    load_pretrained_mit(model, path)
+    for encoder in (model.appearance_encoder, model.motion_encoder):
+        loaded = encoder.mit.state_dict()
+        assert all(torch.equal(loaded[k], source[k]) for k in source)
+
+
+def test_pretrained_backbone_mismatch(tmp_path):
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({f"segformer.{k}": v for k, v in _hf_encoder_state("mitb1").items()}, path)
+    with pytest.raises(Exception, match="holds a mitb1 model; --backbone is mitb0"):
+        load_pretrained_mit(DepthFlow("mitb0", size=64), path)
+
+
+def test_bad_checkpoint_error_at_the_command_line(released, tmp_path):
+    _, good = released("mitb0")
+    rc, _, err = run_cli("-m", "model.convert", good, tmp_path / "out.pth", "--backbone", "mitb2")
+    assert_one_line_error(rc, err, "DepthFlow_mitb0.pth holds a mitb0 model; --backbone is mitb2")
+
+
+def test_bad_checkpoints_give_one_line_errors(released, tmp_path, capsys):
+    _, good = released("mitb0")
+    out = tmp_path / "out.pth"
+
+    rc, _, err = run_main(convert_cmd.main, good, out, "--backbone", "mitb1", capsys=capsys)
+    assert_one_line_error(rc, err, "DepthFlow_mitb0.pth holds a mitb0 model; --backbone is mitb1")
+
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    rc, _, err = run_main(convert_cmd.main, truncated, out, capsys=capsys)
+    assert_one_line_error(rc, err, str(truncated), "not a readable checkpoint")
+
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint\n")
+    rc, _, err = run_main(convert_cmd.main, text, out, capsys=capsys)
+    assert_one_line_error(rc, err, str(text), "not a readable checkpoint")
+
+    missing = tmp_path / "nowhere" / "DepthFlow_mitb2.pth"
+    rc, _, err = run_main(convert_cmd.main, missing, out, capsys=capsys)
+    assert_one_line_error(rc, err, str(missing), "checkpoint not found", "authors' release")
+
+    mit = tmp_path / "pytorch_model.bin"
+    torch.save(_hf_encoder_state("mitb0"), mit)
+    rc, _, err = run_main(convert_cmd.main, mit, out, capsys=capsys)
+    assert_one_line_error(rc, err, str(mit), "ImageNet MiT encoder weights")
+
+    broken = tmp_path / "broken.pth"
+    torch.save({k: v for k, v in torch.load(good, weights_only=True).items() if "block.1.0" not in k}, broken)
+    rc, _, err = run_main(convert_cmd.main, broken, out, capsys=capsys)
+    assert_one_line_error(rc, err, str(broken), "incomplete")
+    assert not out.exists()

@@ -1,0 +1,25 @@
+"""User-facing errors: one line, non-zero exit, no traceback."""
+
+import functools
+import sys
+
+
+class UserError(Exception):
+    """A problem the user can fix (a path, a file, a flag). Its message is the whole report."""
+
+
+EXIT_USER_ERROR = 2
+
+
+def cli_entry(main):
+    """Run `main`; turn a UserError into one line on stderr and exit code 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+
+    return wrapper
