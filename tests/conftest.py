@@ -41,3 +41,18 @@ def run_main(main, *argv, capsys):
 def _deterministic():
     torch.manual_seed(0)
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory):
+    """A read-only toy data tree shared by the session; copy it (toy_copy) before changing it."""
+    from utils.toydata import generate
+
+    return generate(tmp_path_factory.mktemp("toy"), seed=0, size=(64, 96), videos=2, frames=8)
+
+
+@pytest.fixture
+def toy_copy(toy_root, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(toy_root, tmp_path / "toy"))

@@ -1,0 +1,298 @@
+"""Datasets in the layouts of the authors' pre-processed archives (REFERENCE.md section 3).
+
+Every dataset is described by a DatasetSpec (data, not code). `scan` validates a layout up front by names
+and file sizes only, so a missing or mismatched file stops a run before it starts, not an hour into it.
+Test videos stream frame by frame (VideoFrames); training draws a fixed number of random samples per
+epoch (TrainingFrames).
+"""
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from transforms import TrainTransform, to_tensor
+from utils.errors import UserError
+from utils.io import read_image
+from utils.palette import binarise, read_label_image
+
+FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
+MASK_EXTENSIONS = (".png",)
+YTOBJ_CLASSES = ("aeroplane", "bird", "boat", "car", "cat", "cow", "dog", "horse", "motorbike", "train")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a dataset's files are, relative to its root, and how its masks read."""
+
+    name: str  # command-line name
+    title: str
+    folder: str  # default sub-folder of --data-root
+    images: str  # folder holding one sub-folder per video (or the image files, if flat)
+    flows: str
+    masks: str
+    mask_rule: str  # utils.palette.MASK_RULES
+    video_list: str | None = None  # file naming the videos, one per line
+    grouped: bool = False  # <class>/<video>/ (YouTube-Objects)
+    flat: bool = False  # one still image per "video" (DUTSv2)
+    all_annotated: bool = True  # every frame has a mask
+    output: str = ""  # folder of saved masks under --output
+    metric: str | None = None  # "davis" (J and F, toolkit statistics) or "j" (J on annotated frames)
+    mask_resize: str = "nearest"  # training resize rule (transforms.MASK_RESIZE)
+
+    def layout(self) -> str:
+        where = f"{self.folder}/{{{self.images},{self.flows},{self.masks}}}"
+        unit = "*.{jpg,png}" if self.flat else ("<class>/<video>/*" if self.grouped else "<video>/*")
+        listed = f" and {self.folder}/{self.video_list}" if self.video_list else ""
+        return f"{where}/{unit}{listed}"
+
+
+def _davis(split):
+    return DatasetSpec(
+        name="davis" if split == "val" else "davis_train", title=f"DAVIS 2016 {split}", folder="DAVIS",
+        images="JPEGImages/480p", flows="JPEGFlows/480p", masks="Annotations/480p", mask_rule="nonzero",
+        video_list=f"ImageSets/2016/{split}.txt", output=f"DAVIS16_{split}", metric="davis")
+
+
+DATASETS = {
+    "davis": _davis("val"),
+    "davis_train": _davis("train"),
+    "fbms": DatasetSpec(
+        name="fbms", title="FBMS test", folder="FBMS", images="TestSet/JPEGImages", flows="TestSet/JPEGFlows",
+        masks="TestSet/Annotations", mask_rule="grey", all_annotated=False, output="FBMS_test", metric="j"),
+    "ytobj": DatasetSpec(
+        name="ytobj", title="YouTube-Objects", folder="YTOBJ", images="JPEGImages", flows="JPEGFlows",
+        masks="Annotations", mask_rule="grey", grouped=True, all_annotated=False, output="YTOBJ", metric="j"),
+    "lvid": DatasetSpec(
+        name="lvid", title="Long-Videos", folder="LVID", images="JPEGImages", flows="JPEGFlows",
+        masks="Annotations", mask_rule="nonzero", all_annotated=False, output="LVID", metric="j"),
+    "ytvos": DatasetSpec(
+        name="ytvos", title="YouTube-VOS 2018 train", folder="YTVOS18", images="train/JPEGImages",
+        flows="train/JPEGFlows", masks="train/Annotations", mask_rule="nonzero", video_list="ImageSets/train.txt",
+        all_annotated=False),
+    "duts": DatasetSpec(
+        name="duts", title="DUTSv2", folder="DUTSv2", images="JPEGImages", flows="JPEGFlows", masks="Annotations",
+        mask_rule="grey", flat=True, mask_resize="bicubic"),
+}
+TEST_DATASETS = ("davis", "fbms", "ytobj", "lvid")
+
+
+@dataclass(frozen=True)
+class Frame:
+    stem: str
+    image: Path
+    flow: Path
+    mask: Path | None
+
+
+@dataclass(frozen=True)
+class Video:
+    name: str
+    frames: tuple[Frame, ...]
+    group: str | None = None  # YouTube-Objects class
+
+    @property
+    def key(self) -> str:
+        return f"{self.group}/{self.name}" if self.group else self.name
+
+    @property
+    def annotated(self) -> tuple[Frame, ...]:
+        return tuple(f for f in self.frames if f.mask is not None)
+
+
+def _files_by_stem(folder: Path, extensions, spec: DatasetSpec) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise UserError(f"{spec.title}: missing folder {folder} (expected layout {spec.layout()})")
+    files = {}
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            stem, ext = os.path.splitext(entry.name)
+            if ext.lower() not in extensions or not entry.is_file():
+                continue
+            if entry.stat().st_size == 0:
+                raise UserError(f"{spec.title}: empty file {entry.path}")
+            if stem in files:
+                raise UserError(f"{spec.title}: two files for frame {stem!r}: {files[stem]} and {entry.path}")
+            files[stem] = Path(entry.path)
+    return files
+
+
+def _pair(video_dir: str, root: Path, spec: DatasetSpec, name: str, group: str | None) -> Video | list[Video]:
+    images = _files_by_stem(root / spec.images / video_dir, FRAME_EXTENSIONS, spec)
+    flows = _files_by_stem(root / spec.flows / video_dir, FRAME_EXTENSIONS, spec)
+    masks = _files_by_stem(root / spec.masks / video_dir, MASK_EXTENSIONS, spec)
+    where = root / spec.images / video_dir
+    if not images:
+        raise UserError(f"{spec.title}: no frames in {where} (expected .jpg/.png files)")
+    if stems := sorted(images.keys() - flows.keys()):
+        raise UserError(f"{spec.title}: no flow for frame {images[stems[0]]} "
+                        f"(expected {root / spec.flows / video_dir / stems[0]}.jpg)")
+    if stems := sorted(flows.keys() - images.keys()):
+        raise UserError(f"{spec.title}: flow {flows[stems[0]]} has no frame (expected {where / stems[0]}.jpg)")
+    if stems := sorted(masks.keys() - images.keys()):
+        raise UserError(f"{spec.title}: mask {masks[stems[0]]} has no frame (expected {where / stems[0]}.jpg)")
+    if spec.all_annotated and (stems := sorted(images.keys() - masks.keys())):
+        raise UserError(f"{spec.title}: no mask for frame {images[stems[0]]} "
+                        f"(expected {root / spec.masks / video_dir / stems[0]}.png)")
+    if not masks:
+        raise UserError(f"{spec.title}: no annotated frame in {root / spec.masks / video_dir}")
+    frames = [Frame(s, images[s], flows[s], masks.get(s)) for s in sorted(images)]
+    if spec.flat:
+        return [Video(f.stem, (f,)) for f in frames]
+    return Video(name, tuple(frames), group)
+
+
+def _subfolders(folder: Path, spec: DatasetSpec) -> list[str]:
+    if not folder.is_dir():
+        raise UserError(f"{spec.title}: missing folder {folder} (expected layout {spec.layout()})")
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir())
+
+
+def _video_names(root: Path, spec: DatasetSpec) -> list[tuple[str | None, str]]:
+    """(group, video) pairs, from the list file if the dataset has one, else from the image folders."""
+    if spec.video_list:
+        listing = root / spec.video_list
+        if not listing.is_file():
+            raise UserError(f"{spec.title}: missing video list {listing} (expected layout {spec.layout()})")
+        names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+        if not names:
+            raise UserError(f"{spec.title}: video list {listing} is empty")
+        for name in names:
+            if not (root / spec.images / name).is_dir():
+                raise UserError(f"{spec.title}: {listing} names video {name!r}, but "
+                                f"{root / spec.images / name} does not exist")
+        return [(None, n) for n in names]
+    top = _subfolders(root / spec.images, spec)
+    if spec.grouped:
+        return [(g, v) for g in top for v in _subfolders(root / spec.images / g, spec)]
+    return [(None, v) for v in top]
+
+
+def dataset_root(spec: DatasetSpec, data_root, override=None) -> Path:
+    return Path(override) if override else Path(data_root) / spec.folder
+
+
+def scan(spec: DatasetSpec, root) -> list[Video]:
+    """Check the whole layout by names and sizes; return the videos. Raises UserError naming the problem."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{spec.title}: data folder not found: {root} (expected layout {spec.layout()})")
+    for sub in (spec.images, spec.flows, spec.masks):
+        if not (root / sub).is_dir():
+            raise UserError(f"{spec.title}: missing folder {root / sub} (expected layout {spec.layout()})")
+    if spec.flat:
+        return _pair("", root, spec, "", None)
+    videos = [_pair(f"{g}/{v}" if g else v, root, spec, v, g) for g, v in _video_names(root, spec)]
+    if not videos:
+        raise UserError(f"{spec.title}: no videos under {root / spec.images} (expected layout {spec.layout()})")
+    return videos
+
+
+def frame_size(frame: Frame) -> tuple[int, int]:
+    """(H, W) from the image header, without decoding pixels."""
+    from PIL import Image
+
+    try:
+        with Image.open(frame.image) as img:
+            return img.height, img.width
+    except OSError as err:
+        raise UserError(f"unreadable image: {frame.image} ({err})") from None
+
+
+class VideoFrames(Dataset):
+    """All frames of a list of videos, one item per frame, for streaming evaluation.
+
+    Pair with `video_batches` so that a batch never spans two videos. Items hold the image and flow as
+    3xHxW float tensors in [0, 1], the 0/1 mask (zeros where not annotated), and where the frame comes from.
+    """
+
+    def __init__(self, videos: list[Video], mask_rule: str):
+        self.mask_rule = mask_rule
+        self.index = [(v, f) for v, video in enumerate(videos) for f in range(len(video.frames))]
+        self.videos = videos
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        v, f = self.index[i]
+        frame = self.videos[v].frames[f]
+        image = read_image(frame.image, "RGB")
+        flow = read_image(frame.flow, "RGB")
+        if flow.size != image.size:
+            raise UserError(f"flow {frame.flow} is {flow.size[0]}x{flow.size[1]}, its frame {frame.image} "
+                            f"is {image.size[0]}x{image.size[1]} (expected equal sizes)")
+        if frame.mask is not None:
+            mask = binarise(read_label_image(frame.mask), self.mask_rule)
+            if mask.shape != (image.height, image.width):
+                raise UserError(f"mask {frame.mask} is {mask.shape[1]}x{mask.shape[0]}, its frame is "
+                                f"{image.width}x{image.height} (expected equal sizes)")
+        else:
+            mask = np.zeros((image.height, image.width), np.uint8)
+        return {"image": to_tensor(image), "flow": to_tensor(flow), "mask": torch.from_numpy(mask),
+                "annotated": frame.mask is not None, "video": v, "frame": f}
+
+
+def video_batches(videos: list[Video], batch_size: int) -> list[list[int]]:
+    """Indices into VideoFrames, in order, batched without crossing a video boundary."""
+    batches, start = [], 0
+    for video in videos:
+        n = len(video.frames)
+        batches += [list(range(start + i, start + min(i + batch_size, n))) for i in range(0, n, batch_size)]
+        start += n
+    return batches
+
+
+@dataclass
+class Source:
+    """Videos to draw training samples from, how many per epoch, and how their masks read and resize."""
+
+    spec: DatasetSpec
+    videos: list[Video]
+    samples: int
+    annotated: list[tuple[Frame, ...]] = field(init=False)
+
+    def __post_init__(self):
+        self.annotated = [v.annotated for v in self.videos if v.annotated]
+        if not self.annotated:
+            raise UserError(f"{self.spec.title}: no annotated frames to train on")
+
+
+class TrainingFrames(Dataset):
+    """An epoch of random samples from one or more sources: a random video, then a random annotated frame.
+
+    Sample `i` of epoch `e` is drawn from a generator seeded by (seed, e, i), so a run is the same for any
+    number of workers or processes, and resuming at an epoch replays exactly what the stopped run would have.
+    Mixing sources is one line: TrainingFrames([Source(duts, videos, 384), Source(davis, videos, 128)], ...).
+    """
+
+    def __init__(self, sources: list[Source], size: int = 512, seed: int = 0, flip_p: float = 0.5):
+        self.sources = sources
+        self.transforms = [TrainTransform(size, s.spec.mask_resize, flip_p, flip_p) for s in sources]
+        self.seed = seed
+        self.epoch = 0
+        self.bounds = np.cumsum([s.samples for s in sources]).tolist()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.bounds[-1]
+
+    def __getitem__(self, i):
+        part = next(p for p, bound in enumerate(self.bounds) if i < bound)
+        source = self.sources[part]
+        rng = random.Random(f"{self.seed}/{self.epoch}/{i}")
+        frame = rng.choice(rng.choice(source.annotated))
+        image, flow = read_image(frame.image, "RGB"), read_image(frame.flow, "RGB")
+        labels = read_label_image(frame.mask)
+        if source.spec.mask_resize == "bicubic":
+            mask = labels.astype(np.float32) / 255.0  # DUTSv2 masks are grey 0/255
+        else:
+            mask = binarise(labels, source.spec.mask_rule)
+        image_t, flow_t, mask_t = self.transforms[part](image, flow, mask, rng)
+        return {"image": image_t, "flow": flow_t, "mask": mask_t}
