@@ -121,19 +121,23 @@ def _backbone_mismatch(path, found: str, wanted: str) -> UserError:
     return UserError(f"{Path(path).name} holds a {found} model; --backbone is {wanted} ({path})")
 
 
-def load_depthflow(path, backbone: str | None = None, size: int = 512, map_location="cpu") -> DepthFlow:
-    """Build DepthFlow from a released or project checkpoint. `backbone`, if given, must match the file."""
+def load_depthflow(path, backbone: str | None = None, size: int | None = None, map_location="cpu") -> DepthFlow:
+    """Build DepthFlow from a released or project checkpoint. `backbone`, if given, must match the file.
+
+    `size` defaults to the resolution the weights were trained at: the project checkpoint's, or 512.
+    """
     obj = read_file(path, RELEASED_HINT)
     fmt = detect_format(obj)
     if fmt == "project":
         config = obj["config"]
         found, eps, state_dict = config["backbone"], config["layer_norm_eps"], obj["model"]
+        trained_size = config["size"]
     elif fmt == "released":
         try:
             state_dict, found = released_to_model(obj)
         except (ValueError, KeyError) as err:
             raise UserError(f"{path} looks like a released DepthFlow checkpoint but is incomplete: {err}") from None
-        eps = HF_LAYER_NORM_EPS
+        eps, trained_size = HF_LAYER_NORM_EPS, 512
     elif fmt in ("hf-mit", "nvlabs-mit", "timm-mit"):
         raise UserError(f"{path} holds ImageNet MiT encoder weights ({fmt}), not a DepthFlow model; "
                         f"pass it with --pretrained to start training, and --checkpoint a DepthFlow file")
@@ -142,7 +146,7 @@ def load_depthflow(path, backbone: str | None = None, size: int = 512, map_locat
                         f"or one written by run.py --train)")
     if backbone is not None and found != backbone:
         raise _backbone_mismatch(path, found, backbone)
-    model = DepthFlow(found, size=size, layer_norm_eps=eps)
+    model = DepthFlow(found, size=size or trained_size, layer_norm_eps=eps)
     _checked_load(model, state_dict, path)
     return model.to(map_location)
 

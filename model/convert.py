@@ -7,13 +7,13 @@
 import argparse
 
 from model.checkpoints import load_depthflow, model_to_released, save_project_checkpoint
-from utils.errors import cli_entry
+from utils.errors import ArgumentParser, cli_entry
 from utils.io import save_torch_atomic
 
 
 @cli_entry
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="released or project checkpoint")
     parser.add_argument("output", help="file to write (atomically)")
     parser.add_argument("--to", choices=("project", "released"), default="project")

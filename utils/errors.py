@@ -1,5 +1,6 @@
 """User-facing errors: one line, non-zero exit, no traceback."""
 
+import argparse
 import functools
 import sys
 
@@ -23,3 +24,10 @@ def cli_entry(main):
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (no usage block), exit code 2."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from dataset import YTOBJ_CLASSES
-from utils.errors import UserError, cli_entry
+from utils.errors import ArgumentParser, UserError, cli_entry
 from utils.flow_viz import flow_to_rgb
 from utils.io import save_image_atomic, write_text_atomic
 from utils.palette import save_palette_mask
@@ -185,7 +185,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 @cli_entry
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", help="folder to write the datasets into")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", default="96x128", help="frame size HxW (default 96x128)")

@@ -1,0 +1,114 @@
+"""DepthFlow / FakeFlow: unsupervised video object segmentation.
+
+    python run.py --train [--stage 1|2] [--pretrained MIT_WEIGHTS] [options]     # trainer.py
+    python run.py --test --checkpoint DepthFlow_mitb2.pth [options]              # evaluator.py
+    python run.py --demo VIDEO_OR_FRAME_FOLDER --checkpoint FILE [options]       # demo.py
+"""
+
+import argparse
+import sys
+
+from dataset import DATASETS, TEST_DATASETS
+from evaluator import DEFAULT_DATA_ROOT
+from model.mit import BACKBONES
+from utils.errors import ArgumentParser, UserError, cli_entry
+
+AMP_MODES = ("off", "bf16", "fp16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--train", action="store_true", help="train one stage of the recipe")
+    mode.add_argument("--test", action="store_true", help="segment and score the test sets")
+    mode.add_argument("--demo", metavar="PATH", help="segment one video file or folder of frames")
+
+    m = parser.add_argument_group("model")
+    m.add_argument("--backbone", choices=BACKBONES,
+                   help="MiT version; training default mitb2, otherwise read from --checkpoint and checked")
+    m.add_argument("--checkpoint", help="DepthFlow weights: released DepthFlow_/FakeFlow_mitb*.pth or a file "
+                                        "written by --train (for --train: initial weights, e.g. stage 1's)")
+    m.add_argument("--pretrained", help="ImageNet MiT weights to start training from: nvidia/mit-b* "
+                                        "(pytorch_model.bin or model.safetensors) or NVlabs mit_b*.pth")
+    m.add_argument("--size", type=int, help="internal square resolution: training default 512; otherwise the "
+                                            "checkpoint's own (512 for the released files)")
+
+    d = parser.add_argument_group("data")
+    d.add_argument("--data-root", default=DEFAULT_DATA_ROOT,
+                   help=f"folder holding DAVIS/, FBMS/, YTOBJ/, LVID/, YTVOS18/, DUTSv2/ (default {DEFAULT_DATA_ROOT})")
+    for name, spec in DATASETS.items():
+        if name != "davis_train":
+            d.add_argument(f"--{name.replace('_', '-')}-root", metavar="DIR",
+                           help=f"{spec.title} folder (default DATA_ROOT/{spec.folder})")
+    d.add_argument("--datasets", help=f"--test: comma-separated subset of {','.join(TEST_DATASETS)} (default all); "
+                                      "--train: NAME:SAMPLES list, default by --stage "
+                                      "(1: ytvos:512, 2: duts:384,davis_train:128)")
+    d.add_argument("--output", default="outputs", help="folder for masks, results, checkpoints (default outputs)")
+    d.add_argument("--json", help="--test: write the metrics here (default OUTPUT/results.json)")
+
+    s = parser.add_argument_group("schedule")
+    s.add_argument("--stage", type=int, choices=(1, 2), default=1, help="recipe stage for --train (default 1)")
+    s.add_argument("--epochs", type=int, help="default by stage: 4000 (1), 2000 (2)")
+    s.add_argument("--batch-size", type=int, help="--train: global batch (default 16); otherwise frames per "
+                                                  "forward pass (default 8)")
+    s.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate (default 1e-5)")
+    s.add_argument("--val-every", type=int, default=100, help="DAVIS 2016 val J&F every N epochs; 0 disables")
+    s.add_argument("--checkpoint-every", type=int, default=10, help="write OUTPUT/last.pth every N epochs")
+    s.add_argument("--save-every", type=int, default=1000, help="keep OUTPUT/epoch_N.pth every N epochs; 0: never")
+    s.add_argument("--resume", nargs="?", const="last", help="continue OUTPUT/last.pth, or the given file")
+
+    h = parser.add_argument_group("machine")
+    h.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    h.add_argument("--amp", choices=AMP_MODES, default="off", help="mixed precision on GPU (default off)")
+    h.add_argument("--workers", type=int, default=2, help="data-loading processes (default 2)")
+    h.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    args.dataset_roots = {name: getattr(args, f"{name.replace('_', '-')}_root".replace("-", "_"))
+                          for name in DATASETS if name != "davis_train"}
+    args.dataset_roots["davis_train"] = args.dataset_roots["davis"]
+    if args.train and args.size is None:
+        args.size = 512
+    if args.size is not None and (args.size < 32 or args.size % 32):
+        raise UserError(f"--size {args.size}: expected a positive multiple of 32 (the published model uses 512)")
+    if args.batch_size is None:
+        args.batch_size = 16 if args.train else 8
+    if args.batch_size < 1 or args.workers < 0:
+        raise UserError("--batch-size must be at least 1 and --workers at least 0")
+    return args
+
+
+def run_test(args) -> None:
+    from evaluator import evaluate
+    from model.checkpoints import load_depthflow
+    from utils.distributed import resolve_device
+
+    if not args.checkpoint:
+        raise UserError("--test needs --checkpoint FILE (a released DepthFlow_mitb*.pth or a --train output)")
+    names = [n.strip() for n in (args.datasets or ",".join(TEST_DATASETS)).split(",") if n.strip()]
+    device = resolve_device(args.device)
+    model = load_depthflow(args.checkpoint, backbone=args.backbone, size=args.size)
+    evaluate(model, names, args.data_root, args.dataset_roots, args.output, device, batch_size=args.batch_size,
+             workers=args.workers, amp=args.amp, json_path=args.json)
+
+
+@cli_entry
+def main(argv=None):
+    args = parse_args(argv)
+    if args.train:
+        from trainer import train
+
+        train(args)
+    elif args.test:
+        run_test(args)
+    else:
+        from demo import run_demo
+
+        run_demo(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

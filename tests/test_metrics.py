@@ -1,0 +1,125 @@
+import math
+
+import numpy as np
+import pytest
+
+from utils.metrics import (
+    FrameScore,
+    boundary_radius,
+    davis_summary,
+    disk,
+    f_measure,
+    j_summary,
+    jaccard,
+    seg2bmap,
+    sequence_statistics,
+)
+
+
+def test_jaccard_values():
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    assert jaccard(a, b) == 1.0
+    a[:2, :2] = True
+    assert jaccard(a, b) == 0.0
+    b[:2, :] = True
+    assert jaccard(a, b) == pytest.approx(4 / 8)
+
+
+def test_seg2bmap_by_hand():
+    seg = np.zeros((4, 5), bool)
+    seg[1:3, 1:3] = True
+    expected = np.array([
+        [1, 1, 1, 0, 0],
+        [1, 0, 1, 0, 0],
+        [1, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0],
+    ], bool)
+    assert np.array_equal(seg2bmap(seg), expected)
+    assert not seg2bmap(np.ones((3, 3), bool)).any()
+    border = np.zeros((3, 3), bool)
+    border[2, 1] = True
+    assert seg2bmap(border)[2].tolist() == [True, True, False]
+
+
+def test_disk_matches_skimage_definition():
+    assert disk(1).tolist() == [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
+    d2 = disk(2)
+    assert d2.shape == (5, 5) and d2.sum() == 13 and d2[0, 2] == 1 and d2[0, 1] == 0
+    assert boundary_radius((480, 854)) == 8
+    assert boundary_radius((480, 854), 3) == 3
+
+
+def _brute_f(pred, gt, radius):
+    """F by explicit distances: a boundary pixel matches if the other boundary has a pixel within radius."""
+    bp, bg = np.argwhere(seg2bmap(pred)), np.argwhere(seg2bmap(gt))
+    if len(bp) == 0 or len(bg) == 0:
+        return None
+    d = np.sqrt(((bp[:, None, :] - bg[None, :, :]) ** 2).sum(-1))
+    precision = (d.min(1) <= radius).mean()
+    recall = (d.min(0) <= radius).mean()
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_f_measure_equals_brute_force_on_random_blobs(seed):
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(17, 60, size=2)
+    pred = rng.random((h // 4 + 1, w // 4 + 1)) > 0.6
+    gt = rng.random((h // 4 + 1, w // 4 + 1)) > 0.6
+    pred = np.kron(pred, np.ones((4, 4), bool))[:h, :w]  # blocky blobs, touching the border
+    gt = np.kron(gt, np.ones((4, 4), bool))[:h, :w]
+    expected = _brute_f(pred, gt, boundary_radius((h, w)))
+    if expected is not None:
+        assert f_measure(pred, gt) == pytest.approx(expected, abs=1e-12)
+
+
+def test_f_measure_empty_rules():
+    empty = np.zeros((10, 12), bool)
+    full = empty.copy()
+    full[3:6, 3:8] = True
+    assert f_measure(empty, empty) == 1.0
+    assert f_measure(empty, full) == 0.0  # P=1, R=0
+    assert f_measure(full, empty) == 0.0  # P=0, R=1
+    assert f_measure(full, full) == 1.0
+    far = np.zeros((200, 200), bool)
+    far[:10, :10] = True
+    other = np.zeros((200, 200), bool)
+    other[150:, 150:] = True
+    assert f_measure(far, other) == 0.0
+
+
+def test_sequence_statistics_by_hand():
+    values = [1.0, 1.0, 0.4, 0.2, 0.0, 0.0, 0.6, 0.6]
+    mean, recall, decay = sequence_statistics(values)
+    assert mean == pytest.approx(np.mean(values))
+    assert recall == pytest.approx(4 / 8)
+    # Bin edges: round(linspace(1, 8, 5) = [1, 2.75, 4.5, 6.25, 8]) - 1 = [0, 2, 4, 5, 7];
+    # first bin values[0:3], last bin values[5:8].
+    assert decay == pytest.approx(np.mean(values[0:3]) - np.mean(values[5:8]))
+    assert math.isnan(sequence_statistics([float("nan")] * 4)[0])
+
+
+def test_davis_summary_averages_sequences():
+    scores = {"a": [FrameScore(i, True, False, j, f) for i, (j, f) in enumerate([(0.8, 0.6), (0.6, 0.4)])],
+              "b": [FrameScore(i, True, False, 1.0, 1.0) for i in range(3)]}
+    out = davis_summary(scores)
+    assert out["sequences"]["a"]["J-Mean"] == pytest.approx(0.7)
+    assert out["metrics"]["J-Mean"] == pytest.approx((0.7 + 1.0) / 2)
+    assert out["metrics"]["F-Mean"] == pytest.approx((0.5 + 1.0) / 2)
+    assert out["metrics"]["J&F-Mean"] == pytest.approx(((0.7 + 1.0) / 2 + (0.5 + 1.0) / 2) / 2)
+    assert out["metrics"]["J-Recall"] == pytest.approx(1.0)
+    assert out["metrics"]["F-Recall"] == pytest.approx((0.5 + 1.0) / 2)  # a: F = [0.6, 0.4] -> 1 of 2 > 0.5
+
+
+def test_j_summary_skips_empty_and_unannotated_and_averages_classes():
+    scores = {
+        "car/1": [FrameScore(0, True, False, 0.5), FrameScore(1, False, True, float("nan")),
+                  FrameScore(2, True, True, 1.0)],
+        "car/2": [FrameScore(0, True, False, 1.0)],
+        "dog/1": [FrameScore(0, True, False, 0.2)],
+    }
+    out = j_summary(scores, {"car/1": "car", "car/2": "car", "dog/1": "dog"})
+    assert out["sequences"] == {"car/1": 0.5, "car/2": 1.0, "dog/1": 0.2}
+    assert out["classes"] == {"car": pytest.approx(0.75), "dog": pytest.approx(0.2)}
+    assert out["metrics"]["J-Mean"] == pytest.approx((0.5 + 1.0 + 0.2) / 3)

@@ -1,0 +1,226 @@
+"""Training with the reference recipe (REFERENCE.md section 2), on one device or under torchrun.
+
+Stage 1: YouTube-VOS 2018, 512 samples per epoch, 4000 epochs. Stage 2 continues from stage 1 with a fresh
+Adam: DUTSv2 (384 samples) + DAVIS 2016 train (128) per epoch, 2000 epochs. Adam lr 1e-5, batch 16,
+cross-entropy on two-class logits at the internal resolution. DAVIS 2016 val J&F every --val-every epochs
+keeps the best checkpoint.
+
+Everything needed to continue is in OUTPUT/last.pth (written atomically): model, optimizer, AMP scaler,
+the epoch and step to continue from, the best score and RNG states. Samples are a pure function of
+(seed, epoch, index), so a resumed run replays exactly what the stopped run would have done.
+"""
+
+import json
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from dataset import DATASETS, Source, TrainingFrames, dataset_root, scan
+from evaluator import autocast_context, check_writable, segment_dataset
+from model import DepthFlow
+from model.checkpoints import (
+    load_depthflow,
+    load_pretrained_mit,
+    model_config,
+    read_project_checkpoint,
+    save_project_checkpoint,
+)
+from utils import distributed
+from utils.errors import UserError
+
+# Training sets per stage, as "dataset:samples per epoch" (REFERENCE.md section 2).
+STAGE_SOURCES = {1: "ytvos:512", 2: "duts:384,davis_train:128"}
+STAGE_EPOCHS = {1: 4000, 2: 2000}
+
+
+def parse_sources(text: str) -> list[tuple[str, int]]:
+    sources = []
+    for part in text.split(","):
+        name, _, samples = part.strip().partition(":")
+        if name not in DATASETS or DATASETS[name].metric == "j":
+            trainable = [n for n, s in DATASETS.items() if s.metric != "j"]
+            raise UserError(f"--datasets: {name!r} is not a training set; expected NAME:SAMPLES with NAME in "
+                            f"{', '.join(trainable)}")
+        if not samples.isdigit() or int(samples) < 1:
+            raise UserError(f"--datasets: {part.strip()!r} needs a sample count, for example {name}:128")
+        sources.append((name, int(samples)))
+    return sources
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checks it after each step and saves before leaving."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+
+def rng_state() -> dict:
+    """Global RNG states. Sampling and flips do not use them (they are seeded per sample); they are kept so
+    that anything drawing from the global generators continues the same stream after a resume."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def foreground_iou(logits: torch.Tensor, target: torch.Tensor) -> float:
+    pred = logits.argmax(1).bool()
+    target = target.bool()
+    union = (pred | target).sum().item()
+    return 1.0 if union == 0 else (pred & target).sum().item() / union
+
+
+def train(args, stop: StopFlag | None = None) -> Path:
+    """Run (or resume) one training stage; returns the output folder."""
+    ctx = distributed.init(args.device)
+    try:
+        return _train(args, ctx, stop or StopFlag().install())
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _train(args, ctx, stop) -> Path:
+    output = Path(args.output)
+    if ctx.is_main:
+        check_writable(output)
+    overrides = args.dataset_roots
+    sources = [Source(DATASETS[name], scan(DATASETS[name], dataset_root(DATASETS[name], args.data_root,
+                                                                          overrides.get(name))), samples)
+               for name, samples in parse_sources(args.datasets or STAGE_SOURCES[args.stage])]
+    val_videos = None
+    if args.val_every > 0:
+        val_videos = scan(DATASETS["davis"], dataset_root(DATASETS["davis"], args.data_root, overrides.get("davis")))
+    if args.batch_size % ctx.world_size:
+        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {ctx.world_size} processes")
+    epochs = args.epochs or STAGE_EPOCHS[args.stage]
+
+    torch.manual_seed(args.seed)
+    model = DepthFlow(args.backbone or "mitb2", size=args.size)
+    resume = _resume_path(args, output)
+    state = read_project_checkpoint(resume) if resume else None
+    if state is not None:
+        config = {**model_config(model), "layer_norm_eps": state["config"]["layer_norm_eps"]}
+        if state["config"] != config:
+            raise UserError(f"{resume} was trained with {state['config']}, this run asks for {config}")
+        model.load_state_dict(state["model"])
+    elif args.checkpoint:
+        model = load_depthflow(args.checkpoint, backbone=args.backbone, size=args.size)
+    elif args.pretrained:
+        load_pretrained_mit(model, args.pretrained)
+    elif ctx.is_main:
+        print("warning: no --pretrained ImageNet MiT weights; the encoders start from random initialisation")
+    model.to(ctx.device)
+    net = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None) \
+        if ctx.distributed else model
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=0.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and ctx.device.type == "cuda")
+    start_epoch, start_step, best = 0, 0, float("-inf")
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, start_step, best = state["epoch"], state["step"], state["best"]
+        set_rng_state(state["rng"])
+        if ctx.is_main:
+            print(f"resuming from {resume}: epoch {start_epoch + 1}, step {start_step}")
+
+    data = TrainingFrames(sources, size=args.size, seed=args.seed)
+    sampler = DistributedSampler(data, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed)
+    per_rank = args.batch_size // ctx.world_size
+
+    def save(path, epoch, step):
+        if ctx.is_main:
+            save_project_checkpoint(path, model, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                                    epoch=epoch, step=step, best=best, rng=rng_state(), args=_plain(vars(args)))
+
+    for epoch in range(start_epoch, epochs):
+        data.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        indices = list(sampler)
+        batches = [indices[i:i + per_rank] for i in range(0, len(indices), per_rank)]
+        skip = start_step if epoch == start_epoch else 0
+        loader = DataLoader(data, batch_sampler=batches[skip:], num_workers=args.workers,
+                            pin_memory=ctx.device.type == "cuda")
+        net.train()
+        losses, ious, t0 = [], [], time.time()
+        bar = tqdm(loader, total=len(batches) - skip, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+                   disable=not ctx.is_main)
+        for step, batch in enumerate(bar, start=skip + 1):
+            image = batch["image"].to(ctx.device, non_blocking=True)
+            flow = batch["flow"].to(ctx.device, non_blocking=True)
+            target = batch["mask"].to(ctx.device, non_blocking=True)
+            with autocast_context(ctx.device, args.amp):
+                logits = net(image, flow)
+                loss = F.cross_entropy(logits.float(), target)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(loss.item())
+            ious.append(foreground_iou(logits.detach(), target))
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}", iou=f"{np.mean(ious):.3f}")
+            if distributed.any_rank(stop.requested, ctx):
+                save(output / "last.pth", epoch, step)
+                if ctx.is_main:
+                    print(f"stopped: saved {output / 'last.pth'} at epoch {epoch + 1}, step {step}; "
+                          f"continue with --resume")
+                return output
+        record = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None,
+                  "iou": float(np.mean(ious)) if ious else None, "lr": args.lr, "seconds": round(time.time() - t0, 2)}
+        if val_videos is not None and (epoch + 1) % args.val_every == 0:
+            if ctx.is_main:
+                result = segment_dataset(model, DATASETS["davis"], val_videos, ctx.device, out_dir=None,
+                                         batch_size=per_rank, workers=args.workers, amp=args.amp, progress=False)
+                record["davis_jf"] = result["metrics"]["J&F-Mean"]
+                if record["davis_jf"] > best:
+                    best = record["davis_jf"]
+                    save(output / "best.pth", epoch + 1, 0)
+            distributed.barrier(ctx)
+        if (epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == epochs:
+            save(output / "last.pth", epoch + 1, 0)
+        if args.save_every and (epoch + 1) % args.save_every == 0:
+            save(output / f"epoch_{epoch + 1:05d}.pth", epoch + 1, 0)
+        if ctx.is_main:
+            with open(output / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(record) + "\n")
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    return output
+
+
+def _resume_path(args, output: Path) -> Path | None:
+    if not args.resume:
+        return None
+    path = output / "last.pth" if args.resume == "last" else Path(args.resume)
+    if not path.is_file():
+        raise UserError(f"--resume: no checkpoint at {path} (expected last.pth of an earlier run in --output)")
+    return path
+
+
+def _plain(values: dict) -> dict:
+    """Arguments as plain types, so the checkpoint stays loadable with weights_only=True."""
+    return {k: v if isinstance(v, int | float | str | bool | type(None)) else str(v) for k, v in values.items()}
