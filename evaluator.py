@@ -75,7 +75,7 @@ def segment_dataset(model, spec: DatasetSpec, videos: list[Video], device: torch
         scores[key].append(future.result())
 
     with ThreadPoolExecutor(max_workers=2) as pool, tqdm(total=len(frames), unit="frame", desc=spec.title,
-                                                         disable=not progress, leave=False) as bar:
+                                                         disable=None if progress else True, leave=False) as bar:
         for batch in loader:
             image = batch["image"].to(device, non_blocking=True)
             flow = batch["flow"].to(device, non_blocking=True)

@@ -56,18 +56,26 @@ def parse_sources(text: str) -> list[tuple[str, int]]:
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop checks it after each step and saves before leaving."""
+    """Set by SIGINT/SIGTERM while installed; the loop asks after each step and saves before leaving."""
 
     def __init__(self):
-        self.requested = False
+        self.signalled = False
+        self._previous = {}
 
-    def install(self):
+    def should_stop(self) -> bool:
+        return self.signalled
+
+    def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handler)
+            self._previous[sig] = signal.signal(sig, self._handler)
         return self
 
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
     def _handler(self, signum, frame):
-        self.requested = True
+        self.signalled = True
 
 
 def rng_state() -> dict:
@@ -99,7 +107,8 @@ def train(args, stop: StopFlag | None = None) -> Path:
     """Run (or resume) one training stage; returns the output folder."""
     ctx = distributed.init(args.device)
     try:
-        return _train(args, ctx, stop or StopFlag().install())
+        with stop or StopFlag() as flag:
+            return _train(args, ctx, flag)
     finally:
         distributed.shutdown(ctx)
 
@@ -169,7 +178,7 @@ def _train(args, ctx, stop) -> Path:
         net.train()
         losses, ious, t0 = [], [], time.time()
         bar = tqdm(loader, total=len(batches) - skip, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
-                   disable=not ctx.is_main)
+                   disable=None if ctx.is_main else True)
         for step, batch in enumerate(bar, start=skip + 1):
             image = batch["image"].to(ctx.device, non_blocking=True)
             flow = batch["flow"].to(ctx.device, non_blocking=True)
@@ -184,7 +193,7 @@ def _train(args, ctx, stop) -> Path:
             losses.append(loss.item())
             ious.append(foreground_iou(logits.detach(), target))
             bar.set_postfix(loss=f"{np.mean(losses):.4f}", iou=f"{np.mean(ious):.3f}")
-            if distributed.any_rank(stop.requested, ctx):
+            if distributed.any_rank(stop.should_stop(), ctx):
                 save(output / "last.pth", epoch, step)
                 if ctx.is_main:
                     print(f"stopped: saved {output / 'last.pth'} at epoch {epoch + 1}, step {step}; "
@@ -209,6 +218,7 @@ def _train(args, ctx, stop) -> Path:
             with open(output / "metrics.jsonl", "a") as log:
                 log.write(json.dumps(record) + "\n")
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    distributed.check_in_sync(model, ctx)
     return output
 
 

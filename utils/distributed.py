@@ -68,3 +68,15 @@ def barrier(ctx: Context) -> None:
 def shutdown(ctx: Context) -> None:
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def check_in_sync(model: torch.nn.Module, ctx: Context) -> None:
+    """Fail loudly if the replicas' weights have drifted apart (they must be identical under DDP)."""
+    if not ctx.distributed:
+        return
+    with torch.no_grad():
+        local = torch.stack([p.double().sum() for p in model.parameters()])
+    gathered = [torch.empty_like(local) for _ in range(ctx.world_size)]
+    dist.all_gather(gathered, local)
+    if any(not torch.equal(g, local) for g in gathered):
+        raise RuntimeError("DDP replicas hold different weights after training")

@@ -12,6 +12,13 @@ class UserError(Exception):
 EXIT_USER_ERROR = 2
 
 
+def one_line(err: UserError) -> str:
+    """The message itself. A UserError re-raised from a DataLoader worker carries the worker's traceback in its
+    text; its own message is the last line, after the exception's name."""
+    last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    return last.split("UserError: ", 1)[-1]
+
+
 def cli_entry(main):
     """Run `main`; turn a UserError into one line on stderr and exit code 2."""
 
@@ -20,7 +27,7 @@ def cli_entry(main):
         try:
             return main(*args, **kwargs)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {one_line(err)}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper

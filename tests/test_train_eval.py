@@ -1,0 +1,202 @@
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluator
+import run
+from dataset import DATASETS, scan
+from model import DepthFlow
+from model.checkpoints import read_project_checkpoint, save_project_checkpoint
+from tests.conftest import ROOT, assert_one_line_error, run_cli, run_main
+from trainer import StopFlag, train
+
+TOY_RECIPE = ["--backbone", "mitb0", "--size", "64", "--stage", "2", "--datasets", "duts:32,davis_train:32",
+              "--batch-size", "8", "--lr", "5e-4", "--workers", "2", "--device", "cpu"]
+
+
+def toy_davis_jf(model, toy_root):
+    videos = scan(DATASETS["davis"], toy_root / "DAVIS")
+    result = evaluator.segment_dataset(model, DATASETS["davis"], videos, torch.device("cpu"), out_dir=None,
+                                       workers=0, progress=False)
+    return result["metrics"]["J&F-Mean"]
+
+
+@pytest.fixture(scope="module")
+def trained(toy_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    run.main(["--train", *TOY_RECIPE, "--data-root", str(toy_root), "--epochs", "9", "--val-every", "3",
+              "--output", str(out)])
+    return out
+
+
+def test_training_lowers_the_loss_and_beats_an_untrained_model(trained, toy_root):
+    log = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == list(range(1, 10))
+    assert log[-1]["loss"] < 0.5 * log[0]["loss"]
+    assert log[-1]["iou"] > 0.4
+    best = max(r["davis_jf"] for r in log if "davis_jf" in r)
+    torch.manual_seed(0)
+    untrained = toy_davis_jf(DepthFlow("mitb0", size=64), toy_root)
+    assert best > max(2 * untrained, untrained + 0.15), (best, untrained)
+    assert read_project_checkpoint(trained / "best.pth")["best"] == pytest.approx(best)
+
+
+def test_test_command_writes_masks_tables_and_json(trained, toy_root, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code, stdout, _ = run_main(run.main, "--test", "--checkpoint", trained / "best.pth", "--data-root", toy_root,
+                               "--output", out, "--workers", "0", capsys=capsys)
+    assert code == 0
+    for title in ("DAVIS 2016 val", "FBMS test", "YouTube-Objects", "Long-Videos", "J&F-Mean", "per class"):
+        assert title in stdout
+    for folder, video in (("DAVIS16_val", "val01"), ("FBMS_test", "fbms00"), ("YTOBJ", "aeroplane/0002_b"),
+                          ("LVID", "lvid01")):
+        masks = sorted((out / folder / video).glob("*.png"))
+        assert [m.stem for m in masks] == [f"{i:05d}" for i in range(8)]
+        image = Image.open(masks[0])
+        assert image.mode == "P" and image.size == (96, 64)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"davis", "fbms", "ytobj", "lvid"}
+    assert results["davis"]["speed"]["frames"] == 16 and results["davis"]["speed"]["forward_fps"] > 0
+    assert len(results["ytobj"]["classes"]) == 10
+    # The standalone scorer reads the saved masks back and must agree exactly with the in-process scores.
+    for name, folder in (("davis", "DAVIS16_val"), ("ytobj", "YTOBJ")):
+        videos = scan(DATASETS[name], toy_root / DATASETS[name].folder)
+        saved = evaluator.score_saved(DATASETS[name], videos, out / folder, workers=2)
+        for key, value in saved["metrics"].items():
+            assert value == pytest.approx(results[name]["metrics"][key], abs=1e-12)
+
+
+def test_scoring_ground_truth_gives_perfect_scores(toy_root, tmp_path, capsys):
+    results = tmp_path / "gt"
+    for video in scan(DATASETS["fbms"], toy_root / "FBMS"):
+        for frame in video.annotated:
+            (results / video.key).mkdir(parents=True, exist_ok=True)
+            shutil.copy(frame.mask, results / video.key / f"{frame.stem}.png")
+    code, stdout, _ = run_main(evaluator.main, "--dataset", "fbms", "--data-root", toy_root, "--results", results,
+                               "--json", tmp_path / "m.json", capsys=capsys)
+    assert code == 0
+    assert json.loads((tmp_path / "m.json").read_text())["fbms"]["metrics"]["J-Mean"] == 1.0
+    shutil.rmtree(results / "fbms01")
+    code, _, err = run_main(evaluator.main, "--dataset", "fbms", "--data-root", toy_root, "--results", results,
+                            capsys=capsys)
+    assert_one_line_error(code, err, "missing result mask", str(results / "fbms01"))
+
+
+def _small_args(toy_root, out, *extra):
+    return run.parse_args(["--train", "--backbone", "mitb0", "--size", "32", "--stage", "2", "--datasets",
+                           "duts:8,davis_train:8", "--batch-size", "4", "--lr", "1e-4", "--workers", "0",
+                           "--device", "cpu", "--val-every", "0", "--checkpoint-every", "1", "--epochs", "2",
+                           "--data-root", str(toy_root), "--output", str(out), *extra])
+
+
+class StopAfter(StopFlag):
+    def __init__(self, steps):
+        super().__init__()
+        self.steps = steps
+
+    def should_stop(self):
+        self.steps -= 1
+        return self.steps == 0
+
+
+@pytest.mark.parametrize("stop_after", [3, 4])  # mid-epoch, and at an epoch boundary
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(toy_root, tmp_path, stop_after):
+    straight = train(_small_args(toy_root, tmp_path / "a"))
+    stopped = tmp_path / "b"
+    train(_small_args(toy_root, stopped), stop=StopAfter(stop_after))
+    state = read_project_checkpoint(stopped / "last.pth")
+    assert (state["epoch"], state["step"]) == ((0, 3) if stop_after == 3 else (0, 4))
+    train(_small_args(toy_root, stopped, "--resume"))
+    a = read_project_checkpoint(straight / "last.pth")
+    b = read_project_checkpoint(stopped / "last.pth")
+    assert a["epoch"] == b["epoch"] == 2
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert not all(torch.equal(a["model"][k], state["model"][k]) for k in a["model"])
+
+
+def test_ddp_two_cpu_processes_match_one_process(toy_root, tmp_path):
+    single = train(_small_args(toy_root, tmp_path / "single", "--lr", "1e-5", "--epochs", "1"))
+    args = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29517", "run.py", "--train",
+            "--backbone", "mitb0", "--size", "32", "--stage", "2", "--datasets", "duts:8,davis_train:8",
+            "--batch-size", "4", "--lr", "1e-5", "--workers", "0", "--device", "cpu", "--val-every", "0",
+            "--epochs", "1", "--data-root", toy_root, "--output", tmp_path / "ddp"]
+    env_threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        rc, _, err = run_cli(*args, cwd=ROOT)
+    finally:
+        os.environ.pop("OMP_NUM_THREADS") if env_threads is None else os.environ.update(OMP_NUM_THREADS=env_threads)
+    assert rc == 0, err[-2000:]
+    a = read_project_checkpoint(single / "last.pth")["model"]
+    b = read_project_checkpoint(tmp_path / "ddp" / "last.pth")["model"]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    assert any(not torch.equal(a[k], DepthFlow("mitb0", size=32).state_dict()[k]) for k in a)
+
+
+def test_user_errors_are_one_line(toy_root, toy_copy, tmp_path, capsys):
+    ckpt = tmp_path / "small.pth"
+    save_project_checkpoint(ckpt, DepthFlow("mitb0", size=32))
+
+    def check(*argv, expect):
+        code, _, err = run_main(run.main, *argv, capsys=capsys)
+        assert_one_line_error(code, err, *expect)
+
+    check("--test", "--checkpoint", ckpt, "--data-root", tmp_path / "nope", "--output", tmp_path / "o",
+          expect=[str(tmp_path / "nope" / "DAVIS"), "expected layout"])
+    check("--test", "--checkpoint", tmp_path / "missing.pth", "--data-root", toy_root,
+          expect=["checkpoint not found", str(tmp_path / "missing.pth")])
+    check("--test", "--checkpoint", ckpt, "--backbone", "mitb7", expect=["invalid choice: 'mitb7'"])
+    check("--test", "--checkpoint", ckpt, "--backbone", "mitb1", expect=["holds a mitb0 model; --backbone is mitb1"])
+    check("--test", "--checkpoint", ckpt, "--data-root", toy_root, "--datasets", "davis,kitti", "--output",
+          tmp_path / "o", expect=["unknown dataset 'kitti'"])
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    check("--test", "--checkpoint", ckpt, "--data-root", toy_root, "--output", blocker / "sub",
+          expect=["cannot write to output folder", str(blocker / "sub")])
+    check("--train", "--backbone", "mitb0", "--size", "32", "--pretrained", tmp_path / "mit_b0.pth", "--data-root",
+          toy_root, "--output", tmp_path / "t", "--val-every", "0", expect=["checkpoint not found", "mit_b0.pth"])
+    flow = toy_copy / "FBMS/TestSet/JPEGFlows/fbms01/00005.jpg"
+    flow.unlink()
+    check("--test", "--checkpoint", ckpt, "--data-root", toy_copy, "--output", tmp_path / "o",
+          expect=["no flow for frame", str(toy_copy / "FBMS/TestSet/JPEGImages/fbms01/00005.jpg")])
+    shutil.copy(toy_root / "FBMS/TestSet/JPEGFlows/fbms01/00005.jpg", flow)
+    image = toy_copy / "DAVIS/JPEGImages/480p/val01/00002.jpg"
+    image.write_bytes(image.read_bytes()[:300])
+    check("--test", "--checkpoint", ckpt, "--data-root", toy_copy, "--output", tmp_path / "o", "--workers", "1",
+          expect=["truncated", str(image)])
+
+
+def test_truncated_frame_error_at_the_command_line(toy_copy, tmp_path):
+    ckpt = tmp_path / "small.pth"
+    save_project_checkpoint(ckpt, DepthFlow("mitb0", size=32))
+    image = toy_copy / "DAVIS/JPEGImages/480p/val00/00003.jpg"
+    image.write_bytes(image.read_bytes()[:300])
+    rc, _, err = run_cli("run.py", "--test", "--checkpoint", ckpt, "--data-root", toy_copy, "--output",
+                         tmp_path / "o", "--datasets", "davis")
+    assert_one_line_error(rc, err, "truncated", str(image))
+
+
+def test_peak_memory_is_flat_in_video_length(tmp_path):
+    from utils.toydata import generate
+
+    ckpt = tmp_path / "small.pth"
+    save_project_checkpoint(ckpt, DepthFlow("mitb0", size=32))
+    peaks = {}
+    for frames in (100, 600):
+        root = generate(tmp_path / f"toy{frames}", seed=1, size=(64, 96), videos=1, frames=frames,
+                        datasets=("davis",))
+        code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+        rc, out, err = run_cli("-c", code, sys.executable, "run.py", "--test", "--checkpoint", ckpt, "--data-root",
+                               root, "--datasets", "davis", "--output", tmp_path / f"o{frames}")
+        assert rc == 0, err[-1000:]
+        peaks[frames] = int(out.strip())
+        assert len(list((tmp_path / f"o{frames}/DAVIS16_val/val00").glob("*.png"))) == frames
+    assert peaks[600] <= 1.3 * peaks[100], peaks
+    assert np.isfinite(peaks[600])
