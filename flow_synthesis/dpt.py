@@ -1,0 +1,219 @@
+"""DPT (Ranftl et al., 2021) monocular depth, built on timm, loading the official weight files by their own keys.
+
+DPT-Hybrid taps the ResNet-50 stem's stages 0 and 1 and ViT blocks 8 and 11; DPT-Large taps ViT blocks
+5, 11, 17 and 23. Tapped tokens get the "project" readout (each patch token concatenated with the class
+token, Linear + GELU), are reshaped to maps, resampled to strides 4/8/16/32, and fused top-down by
+RefineNet-style blocks; the head predicts relative inverse depth (MiDaS convention: larger = nearer).
+Module names follow the official files: pretrained.model.* (the timm ViT), pretrained.act_postprocess{1-4},
+scratch.layer{1-4}_rn, scratch.refinenet{1-4}, scratch.output_conv.
+"""
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.errors import UserError
+
+
+@dataclass(frozen=True)
+class DPTSpec:
+    timm_name: str
+    hooks: tuple[int, ...]
+    vit_features: int
+    features: tuple[int, int, int, int]  # channels of the four maps before scratch.layer*_rn
+    hybrid: bool
+    weight_files: tuple[str, ...]
+
+
+DPT_SPECS = {
+    "hybrid": DPTSpec("vit_base_r50_s16_384", (0, 1, 8, 11), 768, (256, 512, 768, 768), True,
+                      ("dpt_hybrid-midas-501f0c75.pt", "dpt_hybrid_384.pt")),
+    "large": DPTSpec("vit_large_patch16_384", (5, 11, 17, 23), 1024, (256, 512, 1024, 1024), False,
+                     ("dpt_large-midas-2f21e586.pt", "dpt_large_384.pt")),
+}
+NET_SIZE = 384
+MULTIPLE_OF = 32
+PATCH = 16
+
+
+class ProjectReadout(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.project = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU())
+
+    def forward(self, tokens):
+        patches = tokens[:, 1:]
+        return self.project(torch.cat([patches, tokens[:, :1].expand_as(patches)], dim=-1))
+
+
+class Postprocess(nn.Module):
+    """act_postprocess{i}: readout (index 0), then convs at indices 3 (1x1) and 4 (resampling), as in the files."""
+
+    def __init__(self, vit_features: int, out: int, resample: nn.Module | None):
+        super().__init__()
+        self.add_module("0", ProjectReadout(vit_features))
+        self.add_module("3", nn.Conv2d(vit_features, out, 1))
+        if resample is not None:
+            self.add_module("4", resample)
+
+    def forward(self, tokens, grid):
+        x = getattr(self, "0")(tokens).transpose(1, 2).unflatten(2, grid)
+        for name in ("3", "4"):
+            if name in self._modules:
+                x = self._modules[name](x)
+        return x
+
+
+class ResidualConvUnit(nn.Module):
+    def __init__(self, features: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(features, features, 3, padding=1)
+        self.conv2 = nn.Conv2d(features, features, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.conv1(F.relu(x)))) + x
+
+
+class FusionBlock(nn.Module):
+    def __init__(self, features: int):
+        super().__init__()
+        self.resConfUnit1 = ResidualConvUnit(features)
+        self.resConfUnit2 = ResidualConvUnit(features)
+        self.out_conv = nn.Conv2d(features, features, 1)
+
+    def forward(self, x, skip=None):
+        if skip is not None:
+            x = x + self.resConfUnit1(skip)
+        x = self.resConfUnit2(x)
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+        return self.out_conv(x)
+
+
+class DPT(nn.Module):
+    """DPT depth network. forward: Bx3xHxW normalised input (H, W multiples of 32) -> BxHxW inverse depth."""
+
+    def __init__(self, variant: str = "hybrid", features: int = 256):
+        super().__init__()
+        spec = DPT_SPECS[variant]
+        self.spec = spec
+        self.pretrained = nn.Module()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # timm notes that the hybrid's old name is an alias
+            self.pretrained.model = timm.create_model(spec.timm_name, pretrained=False)
+        v, f = spec.vit_features, spec.features
+        if not spec.hybrid:
+            self.pretrained.act_postprocess1 = Postprocess(v, f[0], nn.ConvTranspose2d(f[0], f[0], 4, stride=4))
+            self.pretrained.act_postprocess2 = Postprocess(v, f[1], nn.ConvTranspose2d(f[1], f[1], 2, stride=2))
+        self.pretrained.act_postprocess3 = Postprocess(v, f[2], None)
+        self.pretrained.act_postprocess4 = Postprocess(v, f[3], nn.Conv2d(f[3], f[3], 3, stride=2, padding=1))
+        self.scratch = nn.Module()
+        for i, channels in enumerate(f, start=1):
+            setattr(self.scratch, f"layer{i}_rn", nn.Conv2d(channels, features, 3, padding=1, bias=False))
+            setattr(self.scratch, f"refinenet{i}", FusionBlock(features))
+        self.scratch.output_conv = nn.Sequential(
+            nn.Conv2d(features, features // 2, 3, padding=1),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
+            nn.Conv2d(features // 2, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 1, 1),
+            nn.ReLU(),
+        )
+
+    def _pos_embed(self, grid):
+        """Class-token embedding plus the patch grid resized bilinearly (align_corners False) to `grid`."""
+        vit = self.pretrained.model
+        cls, patches = vit.pos_embed[:, :1], vit.pos_embed[0, 1:]
+        side = int(math.sqrt(len(patches)))
+        patches = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        patches = F.interpolate(patches, size=grid, mode="bilinear", align_corners=False)
+        return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)], dim=1)
+
+    def _taps(self, x):
+        vit = self.pretrained.model
+        grid = (x.shape[-2] // PATCH, x.shape[-1] // PATCH)
+        maps = []
+        if self.spec.hybrid:
+            backbone = vit.patch_embed.backbone
+            x = backbone.stem(x)
+            for i, stage in enumerate(backbone.stages):
+                x = stage(x)
+                if i < 2:
+                    maps.append(x)
+            x = backbone.norm(x)
+        tokens = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([vit.cls_token.expand(len(tokens), -1, -1), tokens], dim=1) + self._pos_embed(grid)
+        taps = {}
+        for i, block in enumerate(vit.blocks):
+            tokens = block(tokens)
+            if i in self.spec.hooks:
+                taps[i] = tokens
+        hooks = self.spec.hooks[2:] if self.spec.hybrid else self.spec.hooks
+        first = 3 if self.spec.hybrid else 1
+        for n, hook in enumerate(hooks, start=first):
+            maps.append(getattr(self.pretrained, f"act_postprocess{n}")(taps[hook], grid))
+        return maps
+
+    def forward(self, x):
+        l1, l2, l3, l4 = (getattr(self.scratch, f"layer{i}_rn")(m) for i, m in enumerate(self._taps(x), start=1))
+        path = self.scratch.refinenet4(l4)
+        path = self.scratch.refinenet3(path, l3)
+        path = self.scratch.refinenet2(path, l2)
+        path = self.scratch.refinenet1(path, l1)
+        return self.scratch.output_conv(path).squeeze(1)
+
+
+def load_dpt(path, variant: str | None = None) -> DPT:
+    """Build DPT and load an official weight file strictly. The variant is read from the file if not given."""
+    from model.checkpoints import read_file
+
+    hint = "the DPT/MiDaS release: " + ", ".join(f for s in DPT_SPECS.values() for f in s.weight_files)
+    state = read_file(path, hint)
+    found = "large" if "pretrained.act_postprocess1.0.project.0.weight" in state else "hybrid"
+    if not any(k.startswith("scratch.output_conv") for k in state):
+        raise UserError(f"{path} is not a DPT weight file (expected {hint})")
+    if variant and variant != found:
+        raise UserError(f"{path} holds DPT-{found.capitalize()} weights; --dpt-model is {variant}")
+    model = DPT(found)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise UserError(f"{path} does not fit DPT-{found.capitalize()}: missing {result.missing_keys[:3]}, "
+                        f"unexpected {result.unexpected_keys[:3]}")
+    return model.eval()
+
+
+def input_size(height: int, width: int) -> tuple[int, int]:
+    """MiDaS 'minimal' resize: keep the aspect ratio, scale the side nearest 384 to 384, round to /32."""
+    scale_h, scale_w = NET_SIZE / height, NET_SIZE / width
+    scale = scale_w if abs(1 - scale_w) < abs(1 - scale_h) else scale_h
+    return (int(np.round(scale * height / MULTIPLE_OF) * MULTIPLE_OF),
+            int(np.round(scale * width / MULTIPLE_OF) * MULTIPLE_OF))
+
+
+def preprocess(rgb: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> 3xhxw float: /255, bicubic resize (OpenCV, as MiDaS), normalised with mean = std = 0.5."""
+    h, w = input_size(*rgb.shape[:2])
+    image = cv2.resize(rgb.astype(np.float32) / 255.0, (w, h), interpolation=cv2.INTER_CUBIC)
+    return torch.from_numpy((image - 0.5) / 0.5).permute(2, 0, 1).contiguous()
+
+
+@torch.inference_mode()
+def predict_depth(model: DPT, images: list[np.ndarray], device) -> list[np.ndarray]:
+    """Relative inverse depth at each image's own size (bicubic). Same-size images are batched."""
+    outputs = [None] * len(images)
+    by_size = {}
+    for i, rgb in enumerate(images):
+        by_size.setdefault(rgb.shape[:2], []).append(i)
+    for (h, w), indices in by_size.items():
+        batch = torch.stack([preprocess(images[i]) for i in indices]).to(device)
+        depth = model(batch).unsqueeze(1).float()
+        depth = F.interpolate(depth, size=(h, w), mode="bicubic", align_corners=False).squeeze(1).cpu().numpy()
+        for i, d in zip(indices, depth):
+            outputs[i] = d
+    return outputs

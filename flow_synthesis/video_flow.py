@@ -1,0 +1,180 @@
+"""Optical flow for real videos: one colour-wheel flow JPEG per frame, named like the frame.
+
+    python -m flow_synthesis.video_flow --frames path/to/frames --out path/to/flows [--raft-weights FILE]
+    python -m flow_synthesis.video_flow --dataset davis --data-root ../DB/VOS [--raft-weights FILE]
+
+Frame t gets the flow from frame t to frame t+1. The last frame has no successor; it gets the flow from
+itself to the previous frame, negated (the backward flow, turned to point forward), so that every frame
+has a flow image of its own motion. A one-frame video gets zero flow.
+
+Backends: torchvision's RAFT-Large from a local weights file (raft_large_C_T_SKHT_V2-ff5fadd5.pth;
+inputs scaled to [-1, 1], padded to multiples of 8 by replicating edges, cropped back after), or OpenCV's
+DIS optical flow, which needs no weights. Existing complete flow files are kept, so runs resume.
+"""
+
+import argparse
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from dataset import DATASETS, FRAME_EXTENSIONS
+from utils.distributed import resolve_device
+from utils.errors import ArgumentParser, UserError, cli_entry
+from utils.flow_viz import flow_to_rgb
+from utils.io import image_is_complete, read_rgb, save_image_atomic
+
+RAFT_WEIGHTS = "raft_large_C_T_SKHT_V2-ff5fadd5.pth"
+RAFT_MIN_SIDE = 128  # its correlation pyramid needs 1/8-resolution features of at least 16 pixels
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = 8) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Replicate-pad a BxCxHxW batch so H and W are multiples of `multiple`; returns the (l, r, t, b) pads."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+    return F.pad(x, pads, mode="replicate"), pads
+
+
+def crop_padding(x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
+    left, right, top, bottom = pads
+    return x[..., top:x.shape[-2] - bottom, left:x.shape[-1] - right]
+
+
+class RAFTFlow:
+    name = "RAFT"
+
+    def __init__(self, weights, device, iterations: int = 20):
+        from torchvision.models.optical_flow import raft_large
+
+        from model.checkpoints import read_file
+
+        state = read_file(weights, f"torchvision's {RAFT_WEIGHTS} (see README, 'Optical flow for videos')")
+        self.model = raft_large(weights=None)
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as err:
+            raise UserError(f"{weights} is not a RAFT-Large state dict ({str(err).splitlines()[0]})") from None
+        self.model.eval().to(device)
+        self.device, self.iterations = device, iterations
+
+    @torch.inference_mode()
+    def __call__(self, first: list[np.ndarray], second: list[np.ndarray]) -> list[np.ndarray]:
+        def batch(frames):
+            x = torch.stack([torch.from_numpy(f).permute(2, 0, 1) for f in frames]).float().to(self.device)
+            return x / 127.5 - 1.0
+
+        if min(first[0].shape[:2]) < RAFT_MIN_SIDE:
+            raise UserError(f"RAFT needs frames of at least {RAFT_MIN_SIDE}x{RAFT_MIN_SIDE} pixels, these are "
+                            f"{first[0].shape[0]}x{first[0].shape[1]} (use --method dis)")
+        a, pads = pad_to_multiple(batch(first))
+        b, _ = pad_to_multiple(batch(second))
+        flow = self.model(a, b, num_flow_updates=self.iterations)[-1]
+        return list(crop_padding(flow, pads).permute(0, 2, 3, 1).cpu().numpy())
+
+
+class DISFlow:
+    name = "DIS (OpenCV)"
+
+    def __init__(self, preset=cv2.DISOPTICAL_FLOW_PRESET_MEDIUM):
+        self.dis = cv2.DISOpticalFlow_create(preset)
+
+    def __call__(self, first, second):
+        grey = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in (*first, *second)]
+        n = len(first)
+        return [self.dis.calc(grey[i], grey[n + i], None) for i in range(n)]
+
+
+def list_frames(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise UserError(f"frame folder not found: {folder}")
+    frames = sorted(p for p in folder.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS)
+    if not frames:
+        raise UserError(f"no frames (.jpg/.png) in {folder}")
+    return frames
+
+
+def video_flows(frames: list[Path], out_dir: Path, backend, batch_size: int = 4, progress: bool = True) -> int:
+    """Write out_dir/<stem>.jpg for every frame (skipping complete ones); returns how many were computed."""
+    targets = [out_dir / f"{f.stem}.jpg" for f in frames]
+    todo = [i for i, t in enumerate(targets) if not image_is_complete(t)] if out_dir.is_dir() else \
+        list(range(len(frames)))
+    if len(frames) == 1:
+        h, w = read_rgb(frames[0]).shape[:2]
+        if todo:
+            save_image_atomic(Image.fromarray(flow_to_rgb(np.zeros((h, w, 2), np.float32))), targets[0])
+        return len(todo)
+    for start in tqdm(range(0, len(todo), batch_size), desc=out_dir.name, unit="batch",
+                      disable=None if progress else True, leave=False):
+        chunk = todo[start:start + batch_size]
+        # Pairs (t, t+1); the last frame pairs with its predecessor and its flow is negated.
+        pairs = [(i, i + 1) if i + 1 < len(frames) else (i, i - 1) for i in chunk]
+        first = [read_rgb(frames[i]) for i, _ in pairs]
+        second = [read_rgb(frames[j]) for _, j in pairs]
+        if any(s.shape != first[0].shape for s in first + second):
+            raise UserError(f"frames of {frames[0].parent} differ in size (expected one size per video)")
+        for (i, j), flow in zip(pairs, backend(first, second)):
+            flow = flow if j > i else -flow
+            save_image_atomic(Image.fromarray(flow_to_rgb(flow)), targets[i], quality=95)
+    return len(todo)
+
+
+def dataset_videos(name: str, data_root: Path) -> list[tuple[Path, Path]]:
+    """(frame folder, flow folder) per video of a dataset, read from the image folders (flows may not exist)."""
+    spec = DATASETS[name]
+    root = data_root / spec.folder
+    images = root / spec.images
+    if not images.is_dir():
+        raise UserError(f"{spec.title}: missing folder {images} (expected layout {spec.layout()})")
+    depth = 2 if spec.grouped else 1
+    videos = sorted(p for p in images.glob("/".join(["*"] * depth)) if p.is_dir())
+    if not videos:
+        raise UserError(f"{spec.title}: no videos under {images}")
+    return [(v, root / spec.flows / v.relative_to(images)) for v in videos]
+
+
+def make_backend(args):
+    device = resolve_device(args.device)
+    weights = args.raft_weights
+    if weights is None and Path(RAFT_WEIGHTS).is_file():
+        weights = RAFT_WEIGHTS
+    if args.method == "raft" or (args.method == "auto" and weights):
+        if not weights:
+            raise UserError(f"--method raft needs --raft-weights FILE (torchvision's {RAFT_WEIGHTS})")
+        return RAFTFlow(weights, device, args.iterations)
+    return DISFlow()
+
+
+@cli_entry
+def main(argv=None):
+    parser = ArgumentParser(prog="python -m flow_synthesis.video_flow", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--frames", help="a folder of frames (.jpg/.png)")
+    source.add_argument("--dataset", choices=[n for n in DATASETS if n != "duts"],
+                        help="every video of a dataset; flows go to its JPEGFlows folder")
+    parser.add_argument("--out", help="with --frames: folder for the flow images")
+    parser.add_argument("--data-root", default="../DB/VOS")
+    parser.add_argument("--method", choices=("auto", "raft", "dis"), default="auto",
+                        help="auto: RAFT if weights are given or found in the working folder, else DIS")
+    parser.add_argument("--raft-weights", help=f"torchvision RAFT-Large weights ({RAFT_WEIGHTS})")
+    parser.add_argument("--iterations", type=int, default=20, help="RAFT refinement iterations (default 20)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    if args.frames and not args.out:
+        raise UserError("--frames needs --out FOLDER for the flow images")
+    backend = make_backend(args)
+    print(f"optical flow: {backend.name}")
+    jobs = [(Path(args.frames), Path(args.out))] if args.frames else dataset_videos(args.dataset,
+                                                                                     Path(args.data_root))
+    computed = sum(video_flows(list_frames(frames), out, backend, args.batch_size) for frames, out in jobs)
+    print(f"wrote {computed} flow images for {len(jobs)} video(s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torchvision.utils import flow_to_image
+
+from dataset import DATASETS, scan
+from flow_synthesis import __main__ as synth_cli
+from flow_synthesis.depth_to_flow import FlowParams, SynthesisConfig, depth_to_flow, refine, synthesise
+from flow_synthesis.dpt import DPT, input_size, load_dpt, predict_depth
+from flow_synthesis.duts import DepthFolder, convert
+from flow_synthesis.video_flow import DISFlow, RAFTFlow, crop_padding, pad_to_multiple, video_flows
+from tests.conftest import assert_one_line_error, run_main
+from utils.flow_viz import flow_to_rgb
+from utils.io import image_is_complete
+from utils.toydata import render_still, texture
+
+
+@pytest.mark.parametrize(("variant", "millions"), [("hybrid", 123.15), ("large", 344.06)])
+def test_dpt_official_names_and_sizes(variant, millions):
+    with torch.device("meta"):
+        model = DPT(variant)
+    state = model.state_dict()
+    assert len(state) == 368
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == millions
+    prefixes = {k.split(".")[0] + "." + k.split(".")[1] for k in state}
+    taps = ("1", "2", "3", "4") if variant == "large" else ("3", "4")
+    assert prefixes == {"pretrained.model", *(f"pretrained.act_postprocess{i}" for i in taps),
+                        *(f"scratch.layer{i}_rn" for i in "1234"), *(f"scratch.refinenet{i}" for i in "1234"),
+                        "scratch.output_conv"}
+    assert {k for k in state if k.startswith("scratch.output_conv")} == {
+        f"scratch.output_conv.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
+    assert "pretrained.act_postprocess3.0.project.0.weight" in state
+
+
+def test_dpt_weight_file_loads_strictly_and_predicts(tmp_path):
+    torch.manual_seed(0)
+    model = DPT("hybrid")
+    path = tmp_path / "dpt_hybrid-midas-501f0c75.pt"
+    torch.save({k: v.half() for k, v in model.state_dict().items()}, path)
+    loaded = load_dpt(path, "hybrid")
+    assert torch.equal(loaded.scratch.layer1_rn.weight, model.scratch.layer1_rn.weight.half().float())
+    images = [np.asarray(texture(np.random.default_rng(1), 60, 90, 0.5)), np.zeros((40, 40, 3), np.uint8)]
+    depths = predict_depth(loaded, images, torch.device("cpu"))
+    assert [d.shape for d in depths] == [(60, 90), (40, 40)]
+    assert all(np.isfinite(d).all() and (d >= 0).all() for d in depths)
+    with pytest.raises(Exception, match="holds DPT-Hybrid weights; --dpt-model is large"):
+        load_dpt(path, "large")
+
+
+def test_dpt_input_size_is_midas_minimal_resize():
+    assert input_size(480, 854) == (384, 672)
+    assert input_size(64, 96) == (256, 384)
+    assert input_size(384, 384) == (384, 384)
+
+
+def test_colour_encoding_is_torchvision_per_image():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(size=(2, 20, 30)).astype(np.float32), 10 * rng.normal(size=(2, 20, 30)).astype(np.float32)
+    for flow in (small, large):
+        expected = flow_to_image(torch.from_numpy(flow)).permute(1, 2, 0).numpy()
+        assert np.array_equal(flow_to_rgb(flow), expected)
+        assert np.array_equal(flow_to_rgb(flow.transpose(1, 2, 0)), expected)
+    batched = flow_to_image(torch.from_numpy(np.stack([small, large])))[0].permute(1, 2, 0).numpy()
+    assert not np.array_equal(batched, flow_to_rgb(small)), "batch normalisation would change the image"
+    assert (flow_to_rgb(np.zeros((2, 4, 4), np.float32)) == 255).all()
+
+
+def test_flow_follows_inverse_depth_and_object_motion():
+    depth = np.tile(np.linspace(0, 1, 50, dtype=np.float32)[:, None], (1, 40))
+    mask = np.zeros((50, 40), np.uint8)
+    mask[10:20, 10:20] = 1
+    params = FlowParams(gamma=1.0, camera_angle=0.0, camera_magnitude=10.0, zoom=0.0, object_dx=0.0, object_dy=5.0)
+    flow = depth_to_flow(depth, mask, params)
+    assert np.allclose(flow[:, 0, 0], -10.0 * depth[:, 0]) and np.allclose(flow[..., 1][mask == 0], 0)
+    assert np.allclose(flow[12, 12], [-10.0 * depth[12, 12], 5.0])
+    zoomed = depth_to_flow(np.ones((11, 11), np.float32), np.zeros((11, 11)), FlowParams(1, 0, 0, 0.1, 0, 0))
+    assert np.allclose(zoomed[5, 5], 0) and zoomed[5, 10, 0] == pytest.approx(0.5) and zoomed[0, 5, 1] < 0
+
+
+def test_refine_normalises_robustly():
+    depth = np.linspace(0, 1, 100 * 100, dtype=np.float32).reshape(100, 100) * 7 + 3
+    depth[0, 0] = 1000  # an outlier that plain min-max normalisation would let squash everything else
+    refined = refine(depth, SynthesisConfig())
+    assert refined.min() == 0 and refined.max() == 1 and 0.4 < np.median(refined) < 0.6
+
+
+def test_synthetic_object_is_separable_in_the_flow_image():
+    ious = []
+    for i in range(20):
+        _, mask, disparity, _ = render_still(np.random.default_rng(i), 96, 128)
+        flow, _ = synthesise(disparity, mask, f"image{i}", seed=0)
+        rgb, inside = flow_to_rgb(flow).astype(np.float32), mask.astype(bool)
+        near_object = np.linalg.norm(rgb - rgb[inside].mean(0), axis=2) < np.linalg.norm(
+            rgb - rgb[~inside].mean(0), axis=2)
+        ious.append((near_object & inside).sum() / (near_object | inside).sum())
+    assert np.median(ious) > 0.95 and np.mean(ious) > 0.75, ious
+
+
+def test_same_seed_same_flow_and_parameters_regenerate_it():
+    _, mask, disparity, _ = render_still(np.random.default_rng(3), 64, 64)
+    a, params = synthesise(disparity, mask, "img", seed=5)
+    b, again = synthesise(disparity, mask, "img", seed=5)
+    c, other = synthesise(disparity, mask, "img", seed=6)
+    assert np.array_equal(a, b) and params == again and not np.array_equal(a, c) and params != other
+    assert np.array_equal(depth_to_flow(refine(disparity, SynthesisConfig()), mask, params), a)
+
+
+class CountingDepth(DepthFolder):
+    """Depth from a folder, recording which images were asked for; "killed" after `stop_after_images`."""
+
+    def __init__(self, folder, stems, stop_after_images=None):
+        super().__init__(folder, stems)
+        self.calls, self.stop_after_images = [], stop_after_images
+
+    def __call__(self, stems, images):
+        if self.stop_after_images is not None and len(self.calls) >= self.stop_after_images:
+            raise KeyboardInterrupt
+        self.calls += stems
+        return super().__call__(stems, images)
+
+
+def test_conversion_resumes_and_repairs(toy_copy, tmp_path):
+    duts, out = toy_copy / "DUTS-TR", tmp_path / "DUTSv2"
+    stems = sorted(p.stem for p in (duts / "DUTS-TR-Image").glob("*.jpg"))
+    depth_dir = duts / "DUTS-TR-Depth"
+    with pytest.raises(KeyboardInterrupt):
+        convert(duts, out, CountingDepth(depth_dir, stems, stop_after_images=8), batch_size=4, progress=False)
+    finished = [json.loads(line)["image"] for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert finished == stems[:8]
+    broken = out / "JPEGFlows" / f"{stems[3]}.jpg"
+    broken.write_bytes(broken.read_bytes()[:100])
+    resumed = CountingDepth(depth_dir, stems)
+    report = convert(duts, out, resumed, batch_size=4, progress=False)
+    assert sorted(resumed.calls) == sorted([stems[3], *stems[8:]])
+    assert (report.done, report.resumed) == (len(stems) - 7, 7)
+    assert image_is_complete(broken)
+    videos = scan(DATASETS["duts"], out)
+    assert len(videos) == len(stems)
+    with pytest.raises(Exception, match="other settings"):
+        convert(duts, out, resumed, seed=1, progress=False)
+
+
+def test_empty_and_unreadable_masks_are_skipped_and_reported(toy_copy, tmp_path):
+    duts = toy_copy / "DUTS-TR"
+    masks = sorted((duts / "DUTS-TR-Mask").glob("*.png"))
+    cv2.imwrite(str(masks[0]), np.zeros((64, 96), np.uint8))
+    masks[1].write_bytes(b"not a png")
+    stems = sorted(p.stem for p in (duts / "DUTS-TR-Image").glob("*.jpg"))
+    report = convert(duts, tmp_path / "out", DepthFolder(duts / "DUTS-TR-Depth", stems), progress=False)
+    assert [s for s, _ in report.skipped] == [masks[0].stem, masks[1].stem]
+    assert report.done == len(stems) - 2
+    assert (tmp_path / "out" / "skipped.tsv").read_text().count("\n") == 2
+
+
+def test_conversion_command_and_its_errors(toy_root, tmp_path, capsys):
+    code, out, _ = run_main(synth_cli.main, "--duts", toy_root / "DUTS-TR", "--out", tmp_path / "v2", "--depth-dir",
+                            toy_root / "DUTS-TR/DUTS-TR-Depth", "--object-probability", "1.0", capsys=capsys)
+    assert code == 0 and "16 images converted" in out
+    assert json.loads((tmp_path / "v2/synthesis.json").read_text())["config"]["object_probability"] == 1.0
+    code, _, err = run_main(synth_cli.main, "--duts", tmp_path / "nope", "--out", tmp_path / "x", "--depth-dir",
+                            tmp_path, capsys=capsys)
+    assert_one_line_error(code, err, str(tmp_path / "nope" / "DUTS-TR-Image"))
+    code, _, err = run_main(synth_cli.main, "--duts", toy_root / "DUTS-TR", "--out", tmp_path / "x", "--depth-dir",
+                            tmp_path, capsys=capsys)
+    assert_one_line_error(code, err, "no depth map for", str(tmp_path))
+    code, _, err = run_main(synth_cli.main, "--duts", toy_root / "DUTS-TR", "--out", tmp_path / "x", "--depth-dir",
+                            toy_root / "DUTS-TR/DUTS-TR-Depth", "--median-kernel", "7", capsys=capsys)
+    assert_one_line_error(code, err, "median_kernel must be 0, 3 or 5")
+
+
+def test_raft_padding_and_cropping():
+    x = torch.rand(2, 3, 61, 99)
+    padded, pads = pad_to_multiple(x)
+    assert padded.shape == (2, 3, 64, 104) and pads == (2, 3, 1, 2)
+    assert torch.equal(crop_padding(padded, pads), x)
+    assert torch.equal(padded[..., 0, 2:-3], x[..., 0, :])  # replicated edge
+
+
+def test_raft_from_a_torchvision_weights_file(tmp_path):
+    from torchvision.models.optical_flow import raft_large
+
+    torch.manual_seed(0)
+    path = tmp_path / "raft_large_C_T_SKHT_V2-ff5fadd5.pth"
+    torch.save(raft_large(weights=None).state_dict(), path)
+    backend = RAFTFlow(path, torch.device("cpu"), iterations=2)
+    frames = [np.asarray(texture(np.random.default_rng(i), 130, 150, 0.5)) for i in range(2)]
+    flows = backend(frames[:1], frames[1:])
+    assert flows[0].shape == (130, 150, 2) and np.isfinite(flows[0]).all()
+    with pytest.raises(Exception, match="at least 128x128"):
+        backend([frames[0][:100]], [frames[1][:100]])
+
+
+def test_dis_flow_points_the_right_way(tmp_path):
+    rng = np.random.default_rng(0)
+    background = texture(rng, 120, 160, 0.2)
+    square = texture(rng, 40, 40, 1.0)
+    frames = []
+    for t in range(3):
+        frame = background.copy()
+        frame[40 + 2 * t:80 + 2 * t, 50 + 3 * t:90 + 3 * t] = square
+        frames.append(frame)
+    flows = DISFlow()(frames[:2], frames[1:])
+    inside = flows[0][45:75, 58:85]
+    assert np.median(inside[..., 0]) == pytest.approx(3, abs=0.5)
+    assert np.median(inside[..., 1]) == pytest.approx(2, abs=0.5)
+    for i, frame in enumerate(frames):
+        cv2.imwrite(str(tmp_path / f"{i:05d}.jpg"), frame[..., ::-1])
+    out = tmp_path / "flows"
+    frame_paths = sorted(tmp_path.glob("*.jpg"))
+    assert video_flows(frame_paths, out, DISFlow(), progress=False) == 3
+    assert video_flows(frame_paths, out, DISFlow(), progress=False) == 0, "complete flows are kept"
+    assert sorted(p.stem for p in out.glob("*.jpg")) == ["00000", "00001", "00002"]
