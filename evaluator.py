@@ -57,25 +57,21 @@ def autocast_context(device: torch.device, amp: str):
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def segment_dataset(model, spec: DatasetSpec, videos: list[Video], device: torch.device, *, out_dir: Path | None,
-                    batch_size: int = 8, workers: int = 2, amp: str = "off", progress: bool = True) -> dict:
-    """Segment every frame, write masks under out_dir (if given), and return the metrics and speeds."""
+def stream_predictions(model, videos: list[Video], mask_rule: str, device: torch.device, *, batch_size: int = 8,
+                       workers: int = 2, amp: str = "off", timing: dict | None = None, desc: str = "segmenting",
+                       progress: bool = True):
+    """Yield (video, frame index, predicted mask, ground-truth mask or None) for every frame, in order.
+
+    Frames are loaded by `workers` processes in batches that never span two videos; only the forward pass
+    runs here. `timing["forward_s"]` accumulates forward time (synchronised on GPU), as the paper's fps.
+    """
     model.eval()
-    frames = VideoFrames(videos, spec.mask_rule)
+    frames = VideoFrames(videos, mask_rule)
     loader = DataLoader(frames, batch_sampler=video_batches(videos, batch_size), num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False,
-                        prefetch_factor=2 if workers else None)
-    scores = defaultdict(list)
-    boundary = spec.metric == "davis"
-    forward_s, n_frames, pending = 0.0, 0, deque()
-    start = time.perf_counter()
-
-    def collect(future_and_key):
-        future, key = future_and_key
-        scores[key].append(future.result())
-
-    with ThreadPoolExecutor(max_workers=2) as pool, tqdm(total=len(frames), unit="frame", desc=spec.title,
-                                                         disable=None if progress else True, leave=False) as bar:
+                        pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)
+    timing = {} if timing is None else timing
+    timing.setdefault("forward_s", 0.0)
+    with tqdm(total=len(frames), unit="frame", desc=desc, disable=None if progress else True, leave=False) as bar:
         for batch in loader:
             image = batch["image"].to(device, non_blocking=True)
             flow = batch["flow"].to(device, non_blocking=True)
@@ -85,24 +81,40 @@ def segment_dataset(model, spec: DatasetSpec, videos: list[Video], device: torch
             with torch.inference_mode(), autocast_context(device, amp):
                 masks = model.predict(image, flow)
             masks = masks.cpu().numpy()
-            forward_s += time.perf_counter() - t0
-            for k in range(len(masks)):
-                video = videos[int(batch["video"][k])]
-                index = int(batch["frame"][k])
-                frame = video.frames[index]
+            timing["forward_s"] += time.perf_counter() - t0
+            for k, mask in enumerate(masks):
                 gt = batch["mask"][k].numpy() if batch["annotated"][k] else None
-                out = out_dir / video.key / f"{frame.stem}.png" if out_dir is not None else None
-                pending.append((pool.submit(_finish_frame, masks[k], gt, out, index, boundary), video.key))
-            n_frames += len(masks)
+                yield videos[int(batch["video"][k])], int(batch["frame"][k]), mask, gt
             bar.update(len(masks))
+
+
+def segment_dataset(model, spec: DatasetSpec, videos: list[Video], device: torch.device, *, out_dir: Path | None,
+                    batch_size: int = 8, workers: int = 2, amp: str = "off", progress: bool = True) -> dict:
+    """Segment every frame, write masks under out_dir (if given), and return the metrics and speeds.
+
+    PNG writing and scoring run in a thread pool off the main loop, with a bounded queue, so host memory
+    stays flat however long a video is.
+    """
+    scores = defaultdict(list)
+    boundary = spec.metric == "davis"
+    timing, n_frames, pending = {}, 0, deque()
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for video, index, mask, gt in stream_predictions(model, videos, spec.mask_rule, device, batch_size=batch_size,
+                                                         workers=workers, amp=amp, timing=timing, desc=spec.title,
+                                                         progress=progress):
+            out = out_dir / video.key / f"{video.frames[index].stem}.png" if out_dir is not None else None
+            pending.append((pool.submit(_finish_frame, mask, gt, out, index, boundary), video.key))
+            n_frames += 1
             while len(pending) > 4 * batch_size:
-                collect(pending.popleft())
-        while pending:
-            collect(pending.popleft())
+                future, key = pending.popleft()
+                scores[key].append(future.result())
+        for future, key in pending:
+            scores[key].append(future.result())
     elapsed = time.perf_counter() - start
     counted = {v.key: set(scored_frames(spec, v)) for v in videos}
     result = summarise(spec, videos, {k: [s for s in scores[k] if s.index in counted[k]] for k in counted})
-    result["speed"] = {"frames": n_frames, "forward_fps": n_frames / max(forward_s, 1e-9),
+    result["speed"] = {"frames": n_frames, "forward_fps": n_frames / max(timing["forward_s"], 1e-9),
                        "end_to_end_fps": n_frames / max(elapsed, 1e-9)}
     return result
 

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--datasets", help=f"--test: comma-separated subset of {','.join(TEST_DATASETS)} (default all); "
                                       "--train: NAME:SAMPLES list, default by --stage "
                                       "(1: ytvos:512, 2: duts:384,davis_train:128)")
-    d.add_argument("--output", default="outputs", help="folder for masks, results, checkpoints (default outputs)")
+    d.add_argument("--output", help="--test: masks and results (default outputs); --train: checkpoints and logs "
+                                    "(default runs/stageN); --demo: default demo_out/<video name>")
     d.add_argument("--json", help="--test: write the metrics here (default OUTPUT/results.json)")
 
     s = parser.add_argument_group("schedule")
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-every", type=int, default=10, help="write OUTPUT/last.pth every N epochs")
     s.add_argument("--save-every", type=int, default=1000, help="keep OUTPUT/epoch_N.pth every N epochs; 0: never")
     s.add_argument("--resume", nargs="?", const="last", help="continue OUTPUT/last.pth, or the given file")
+
+    parser.add_argument_group("demo").add_argument(
+        "--raft-weights", help="torchvision RAFT-Large weights for --demo's flow (default: DIS, no weights)")
 
     h = parser.add_argument_group("machine")
     h.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -72,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.dataset_roots["davis_train"] = args.dataset_roots["davis"]
     if args.train and args.size is None:
         args.size = 512
+    if args.output is None and not args.demo:
+        args.output = f"runs/stage{args.stage}" if args.train else "outputs"
     if args.size is not None and (args.size < 32 or args.size % 32):
         raise UserError(f"--size {args.size}: expected a positive multiple of 32 (the published model uses 512)")
     if args.batch_size is None:

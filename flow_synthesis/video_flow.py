@@ -137,15 +137,14 @@ def dataset_videos(name: str, data_root: Path) -> list[tuple[Path, Path]]:
     return [(v, root / spec.flows / v.relative_to(images)) for v in videos]
 
 
-def make_backend(args):
-    device = resolve_device(args.device)
-    weights = args.raft_weights
-    if weights is None and Path(RAFT_WEIGHTS).is_file():
-        weights = RAFT_WEIGHTS
-    if args.method == "raft" or (args.method == "auto" and weights):
-        if not weights:
+def make_flow_backend(method: str, raft_weights, device, iterations: int = 20):
+    """RAFT when asked for, or with method "auto" when weights are given or lie in the working folder; else DIS."""
+    if raft_weights is None and Path(RAFT_WEIGHTS).is_file():
+        raft_weights = RAFT_WEIGHTS
+    if method == "raft" or (method == "auto" and raft_weights):
+        if not raft_weights:
             raise UserError(f"--method raft needs --raft-weights FILE (torchvision's {RAFT_WEIGHTS})")
-        return RAFTFlow(weights, device, args.iterations)
+        return RAFTFlow(raft_weights, device, iterations)
     return DISFlow()
 
 
@@ -168,7 +167,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.frames and not args.out:
         raise UserError("--frames needs --out FOLDER for the flow images")
-    backend = make_backend(args)
+    backend = make_flow_backend(args.method, args.raft_weights, resolve_device(args.device), args.iterations)
     print(f"optical flow: {backend.name}")
     jobs = [(Path(args.frames), Path(args.out))] if args.frames else dataset_videos(args.dataset,
                                                                                      Path(args.data_root))

@@ -1,0 +1,131 @@
+"""`python run.py --demo PATH`: segment your own video (a video file or a folder of frames).
+
+Writes, under --output (default demo_out/<video name>/):
+  frames/%05d.jpg      the decoded frames (a video file only)
+  flows/<frame>.jpg    optical flow, RAFT if weights are given or found, else OpenCV DIS
+  masks/<frame>.png    DAVIS-palette masks
+  overlay.mp4          the mask tinted over each frame, with the flow image beside it
+  contact_sheet.png    evenly spaced overlay frames, for a quick look
+"""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from dataset import FRAME_EXTENSIONS, Frame, Video
+from utils.errors import UserError
+from utils.io import read_rgb, save_image_atomic
+from utils.palette import save_palette_mask
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+TINT = np.array([255, 40, 40], np.float32)
+SHEET_FRAMES = 8
+SHEET_TILE_WIDTH = 640  # frame and flow side by side
+DEMO_FPS = 24.0
+
+
+def extract_frames(video_path: Path, out_dir: Path) -> list[Path]:
+    """Decode a video file to JPEG frames, streaming (never the whole video in memory)."""
+    capture = cv2.VideoCapture(str(video_path))
+    if not capture.isOpened():
+        raise UserError(f"{video_path} is not a readable video file (expected one of {', '.join(VIDEO_EXTENSIONS)} "
+                        f"or a folder of frames)")
+    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+    frames = []
+    with tqdm(total=total, unit="frame", desc="decoding", disable=None, leave=False) as bar:
+        while True:
+            ok, bgr = capture.read()
+            if not ok:
+                break
+            path = out_dir / f"{len(frames):05d}.jpg"
+            save_image_atomic(Image.fromarray(bgr[..., ::-1]), path, quality=95)
+            frames.append(path)
+            bar.update(1)
+    capture.release()
+    if not frames:
+        raise UserError(f"{video_path} holds no decodable frames (expected a video file or a folder of frames)")
+    return frames
+
+
+def input_frames(path: Path, out_root: Path) -> list[Path]:
+    if path.is_dir():
+        frames = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS)
+        if not frames:
+            raise UserError(f"no frames (.jpg/.png) in {path}")
+        return frames
+    if not path.is_file():
+        raise UserError(f"--demo {path}: no such file or folder")
+    if path.suffix.lower() not in VIDEO_EXTENSIONS:
+        raise UserError(f"--demo {path}: not a video file (expected {', '.join(VIDEO_EXTENSIONS)} or a folder)")
+    return extract_frames(path, out_root / "frames")
+
+
+def check_sizes(frames: list[Path]) -> tuple[int, int]:
+    sizes = {}
+    for path in frames:
+        with Image.open(path) as img:
+            sizes.setdefault(img.size, path)
+    if len(sizes) > 1:
+        (a, pa), (b, pb) = list(sizes.items())[:2]
+        raise UserError(f"frames differ in size: {pa} is {a[0]}x{a[1]}, {pb} is {b[0]}x{b[1]} "
+                        f"(expected one size per video)")
+    w, h = next(iter(sizes))
+    return h, w
+
+
+def overlay(rgb: np.ndarray, mask: np.ndarray, flow_rgb: np.ndarray) -> np.ndarray:
+    tinted = rgb.astype(np.float32)
+    tinted[mask == 1] = 0.45 * tinted[mask == 1] + 0.55 * TINT
+    edge = cv2.morphologyEx(mask, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) == 1
+    tinted[edge] = TINT
+    return np.concatenate([tinted.astype(np.uint8), flow_rgb], axis=1)
+
+
+def contact_sheet(tiles: list[np.ndarray], columns: int = 4) -> np.ndarray:
+    rows = [tiles[i:i + columns] for i in range(0, len(tiles), columns)]
+    blank = np.zeros_like(tiles[0])
+    return np.concatenate([np.concatenate(r + [blank] * (columns - len(r)), axis=1) for r in rows], axis=0)
+
+
+def run_demo(args) -> Path:
+    from evaluator import stream_predictions
+    from flow_synthesis.video_flow import make_flow_backend, video_flows
+    from model.checkpoints import load_depthflow
+    from utils.distributed import resolve_device
+
+    if not args.checkpoint:
+        raise UserError("--demo needs --checkpoint FILE (a released DepthFlow_mitb*.pth or a --train output)")
+    source = Path(args.demo)
+    device = resolve_device(args.device)
+    model = load_depthflow(args.checkpoint, backbone=args.backbone, size=args.size).to(device)
+    out = Path(args.output) if args.output else Path("demo_out") / source.resolve().name
+    frames = input_frames(source, out)
+    height, width = check_sizes(frames)
+    backend = make_flow_backend("auto", args.raft_weights, device)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{len(frames)} frames of {width}x{height}; optical flow: {backend.name}")
+    video_flows(frames, out / "flows", backend, batch_size=4)
+    video = Video(source.stem, tuple(Frame(f.stem, f, out / "flows" / f"{f.stem}.jpg", None) for f in frames))
+
+    wanted = set(np.linspace(0, len(frames) - 1, min(SHEET_FRAMES, len(frames))).round().astype(int).tolist())
+    tiles = []
+    # OpenCV picks the container from the extension, so the partial file keeps .mp4; one rename finishes it.
+    partial = out / "overlay.partial.mp4"
+    writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), DEMO_FPS, (2 * width, height))
+    for _, index, mask, _ in stream_predictions(model, [video], "nonzero", device, batch_size=args.batch_size,
+                                                workers=args.workers, amp=args.amp):
+        frame = video.frames[index]
+        save_palette_mask(mask, out / "masks" / f"{frame.stem}.png")
+        composed = overlay(read_rgb(frame.image), mask, read_rgb(frame.flow))
+        writer.write(np.ascontiguousarray(composed[..., ::-1]))
+        if index in wanted:
+            scale = min(1.0, SHEET_TILE_WIDTH / composed.shape[1])
+            tiles.append(cv2.resize(composed, (round(composed.shape[1] * scale), round(composed.shape[0] * scale))))
+    writer.release()
+    partial.replace(out / "overlay.mp4")
+    save_image_atomic(Image.fromarray(contact_sheet(tiles)), out / "contact_sheet.png")
+    print(f"wrote {len(frames)} masks to {out / 'masks'}, {out / 'overlay.mp4'} and {out / 'contact_sheet.png'}")
+    return out

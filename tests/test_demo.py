@@ -1,0 +1,78 @@
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+import run
+from model import DepthFlow
+from model.checkpoints import save_project_checkpoint
+from tests.conftest import assert_one_line_error, run_main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "small.pth"
+    save_project_checkpoint(path, DepthFlow("mitb0", size=32))
+    return path
+
+
+def _video_frames(count):
+    cap = cv2.VideoCapture(str(count))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    return n, int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+
+
+def test_demo_on_a_video_file(toy_root, checkpoint, tmp_path, capsys):
+    frames = sorted((toy_root / "DAVIS/JPEGImages/480p/val01").glob("*.jpg"))
+    clip = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 10, (96, 64))
+    for f in frames:
+        writer.write(cv2.imread(str(f)))
+    writer.release()
+    out = tmp_path / "demo"
+    code, stdout, err = run_main(run.main, "--demo", clip, "--checkpoint", checkpoint, "--output", out, "--device",
+                                 "cpu", "--workers", "0", capsys=capsys)
+    assert code == 0, err
+    assert "optical flow: DIS (OpenCV)" in stdout
+    masks = sorted((out / "masks").glob("*.png"))
+    assert len(masks) == len(frames) == 8
+    assert all(Image.open(m).size == (96, 64) and Image.open(m).mode == "P" for m in masks)
+    assert len(list((out / "flows").glob("*.jpg"))) == 8 and len(list((out / "frames").glob("*.jpg"))) == 8
+    assert _video_frames(out / "overlay.mp4") == (8, 192, 64)
+    sheet = np.asarray(Image.open(out / "contact_sheet.png"))
+    assert sheet.shape == (2 * 64, 4 * 192, 3)
+    assert not (out / "overlay.partial.mp4").exists()
+
+
+def test_demo_on_a_frame_folder(toy_root, checkpoint, tmp_path, capsys):
+    folder = toy_root / "LVID/JPEGImages/lvid00"
+    code, _, err = run_main(run.main, "--demo", folder, "--checkpoint", checkpoint, "--output", tmp_path / "d",
+                            "--device", "cpu", "--workers", "0", capsys=capsys)
+    assert code == 0, err
+    assert sorted(p.stem for p in (tmp_path / "d/masks").glob("*.png")) == [f"{i:05d}" for i in range(8)]
+    assert not (tmp_path / "d/frames").exists()
+
+
+def test_demo_errors(toy_root, checkpoint, tmp_path, capsys):
+    def check(path, *expect, ckpt=checkpoint):
+        code, _, err = run_main(run.main, "--demo", path, "--checkpoint", ckpt, "--output", tmp_path / "o",
+                                "--device", "cpu", capsys=capsys)
+        assert_one_line_error(code, err, *expect)
+
+    fake = tmp_path / "fake.mp4"
+    fake.write_text("not a video")
+    check(fake, "not a readable video file", str(fake))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    check(notes, "not a video file", str(notes))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    check(empty, "no frames", str(empty))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.new("RGB", (64, 48)).save(mixed / "00000.jpg")
+    Image.new("RGB", (60, 48)).save(mixed / "00001.jpg")
+    check(mixed, "frames differ in size", "00001.jpg")
+    check(toy_root / "LVID/JPEGImages/lvid00", "checkpoint not found", ckpt=tmp_path / "none.pth")
