@@ -57,9 +57,21 @@ def autocast_context(device: torch.device, amp: str):
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def prepare_for_inference(model, device: torch.device, *, channels_last: bool = False, compile_model: bool = False):
+    """Move the model to `device` in eval mode, with the optional fast paths (README, 'Speed')."""
+    model = model.to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed frame sizes within a video: autotuned kernels pay off
+    if compile_model:
+        model = torch.compile(model, dynamic=False)
+    return model
+
+
 def stream_predictions(model, videos: list[Video], mask_rule: str, device: torch.device, *, batch_size: int = 8,
                        workers: int = 2, amp: str = "off", timing: dict | None = None, desc: str = "segmenting",
-                       progress: bool = True):
+                       progress: bool = True, channels_last: bool = False):
     """Yield (video, frame index, predicted mask, ground-truth mask or None) for every frame, in order.
 
     Frames are loaded by `workers` processes in batches that never span two videos; only the forward pass
@@ -73,14 +85,15 @@ def stream_predictions(model, videos: list[Video], mask_rule: str, device: torch
     timing.setdefault("forward_s", 0.0)
     with tqdm(total=len(frames), unit="frame", desc=desc, disable=None if progress else True, leave=False) as bar:
         for batch in loader:
-            image = batch["image"].to(device, non_blocking=True)
-            flow = batch["flow"].to(device, non_blocking=True)
+            memory_format = torch.channels_last if channels_last else torch.contiguous_format
+            image = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            flow = batch["flow"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             with torch.inference_mode(), autocast_context(device, amp):
-                masks = model.predict(image, flow)
-            masks = masks.cpu().numpy()
+                masks = model(image, flow).argmax(1)  # DepthFlow.predict, also for a torch.compile'd module
+            masks = masks.to(torch.uint8).cpu().numpy()
             timing["forward_s"] += time.perf_counter() - t0
             for k, mask in enumerate(masks):
                 gt = batch["mask"][k].numpy() if batch["annotated"][k] else None
@@ -89,7 +102,8 @@ def stream_predictions(model, videos: list[Video], mask_rule: str, device: torch
 
 
 def segment_dataset(model, spec: DatasetSpec, videos: list[Video], device: torch.device, *, out_dir: Path | None,
-                    batch_size: int = 8, workers: int = 2, amp: str = "off", progress: bool = True) -> dict:
+                    batch_size: int = 8, workers: int = 2, amp: str = "off", progress: bool = True,
+                    channels_last: bool = False) -> dict:
     """Segment every frame, write masks under out_dir (if given), and return the metrics and speeds.
 
     PNG writing and scoring run in a thread pool off the main loop, with a bounded queue, so host memory
@@ -102,7 +116,7 @@ def segment_dataset(model, spec: DatasetSpec, videos: list[Video], device: torch
     with ThreadPoolExecutor(max_workers=2) as pool:
         for video, index, mask, gt in stream_predictions(model, videos, spec.mask_rule, device, batch_size=batch_size,
                                                          workers=workers, amp=amp, timing=timing, desc=spec.title,
-                                                         progress=progress):
+                                                         progress=progress, channels_last=channels_last):
             out = out_dir / video.key / f"{video.frames[index].stem}.png" if out_dir is not None else None
             pending.append((pool.submit(_finish_frame, mask, gt, out, index, boundary), video.key))
             n_frames += 1
@@ -189,17 +203,17 @@ def scan_datasets(names, data_root, overrides: dict) -> dict[str, list[Video]]:
 
 
 def evaluate(model, names, data_root, overrides, output, device, *, batch_size=8, workers=2, amp="off",
-             json_path=None, save_masks=True) -> dict:
+             json_path=None, save_masks=True, channels_last=False, compile_model=False) -> dict:
     """`run.py --test`: every dataset in `names`, masks to output/<dataset folder>/, tables and JSON."""
     output = check_writable(output)
     videos = scan_datasets(names, data_root, overrides)
-    model = model.to(device)
+    model = prepare_for_inference(model, device, channels_last=channels_last, compile_model=compile_model)
     results = {}
     for name in names:
         spec = DATASETS[name]
         out_dir = output / spec.output if save_masks else None
-        results[name] = segment_dataset(model, spec, videos[name], device, out_dir=out_dir,
-                                        batch_size=batch_size, workers=workers, amp=amp)
+        results[name] = segment_dataset(model, spec, videos[name], device, out_dir=out_dir, batch_size=batch_size,
+                                        workers=workers, amp=amp, channels_last=channels_last)
         print(format_table(spec, results[name]), flush=True)
     write_json(results, json_path or output / "results.json")
     return results

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     h.add_argument("--amp", choices=AMP_MODES, default="off", help="mixed precision on GPU (default off)")
     h.add_argument("--workers", type=int, default=2, help="data-loading processes (default 2)")
+    h.add_argument("--channels-last", action="store_true", help="inference in channels-last memory format")
+    h.add_argument("--compile", action="store_true", help="torch.compile the model for inference")
     h.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -98,7 +100,8 @@ def run_test(args) -> None:
     device = resolve_device(args.device)
     model = load_depthflow(args.checkpoint, backbone=args.backbone, size=args.size)
     evaluate(model, names, args.data_root, args.dataset_roots, args.output, device, batch_size=args.batch_size,
-             workers=args.workers, amp=args.amp, json_path=args.json)
+             workers=args.workers, amp=args.amp, json_path=args.json, channels_last=args.channels_last,
+             compile_model=args.compile)
 
 
 @cli_entry

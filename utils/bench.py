@@ -1,0 +1,247 @@
+"""Speed and memory of DepthFlow, written as JSON and a markdown table.
+
+    python -m utils.bench [--device cpu|cuda] [--out bench_results] [--quick] [--checkpoint FILE]
+
+Measures, on the chosen device:
+- model forward frames/s for MiT-B0/B1/B2 at 512x512, batch 1 and batched, in float32, channels-last,
+  bf16/fp16 autocast (GPU) and torch.compile (opt-in: --compile); each with its mask agreement to float32
+  (mean IoU of the object masks) and, on GPU, peak device memory;
+- a training step (forward, backward, Adam) per backbone;
+- end-to-end `--test` frames/s on a toy video set, against a reference-style loop (the independent HF-based
+  reference network of tests/reference_net.py, whole video in memory, one frame at a time, masks written
+  in the loop, as the upstream code does) with the same weights, with peak host memory of each;
+- FLOPs per frame, so throughput can be read against the device's peak.
+--quick shrinks everything (MiT-B0, 64x64, few iterations) for the test suite.
+"""
+
+import json
+import platform
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model import DepthFlow
+from utils.distributed import resolve_device
+from utils.errors import ArgumentParser, cli_entry
+from utils.io import write_text_atomic
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, warmup: int, iters: int) -> float:
+    """Seconds per call, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.bool(), b.bool()
+    union = (a | b).sum().item()
+    return 1.0 if union == 0 else (a & b).sum().item() / union
+
+
+def forward_flops(model: DepthFlow, device) -> float:
+    """FLOPs (2 x multiply-adds) of one frame's forward pass at the model's size."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.rand(1, 3, model.size, model.size, device=device)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(x, x)
+    return float(counter.get_total_flops())
+
+
+def variants(device, compile_model: bool):
+    yield "float32", {}
+    yield "channels_last", {"channels_last": True}
+    if device.type == "cuda":
+        yield "bf16 autocast", {"amp": torch.bfloat16}
+        yield "fp16 autocast", {"amp": torch.float16}
+        yield "bf16 + channels_last", {"amp": torch.bfloat16, "channels_last": True}
+    if compile_model:
+        yield "torch.compile", {"compile": True}
+        if device.type == "cuda":
+            yield "bf16 + torch.compile", {"amp": torch.bfloat16, "compile": True}
+
+
+def bench_forward(backbone, size, batch_sizes, device, compile_model, warmup, iters, state=None):
+    rows = []
+    base = DepthFlow(backbone, size=size).to(device).eval()
+    if state is not None:
+        base.load_state_dict(state)
+    gen = torch.Generator().manual_seed(0)
+    frames = {b: (torch.rand(b, 3, 480, 854, generator=gen).to(device),
+                  torch.rand(b, 3, 480, 854, generator=gen).to(device)) for b in batch_sizes}
+    reference = {}
+    for name, opts in variants(device, compile_model):
+        model = base.to(memory_format=torch.channels_last) if opts.get("channels_last") else base.to(
+            memory_format=torch.contiguous_format)
+        run = torch.compile(model, dynamic=False) if opts.get("compile") else model
+        for b in batch_sizes:
+            image, flow = frames[b]
+            if opts.get("channels_last"):
+                image, flow = (t.contiguous(memory_format=torch.channels_last) for t in (image, flow))
+
+            def step(run=run, image=image, flow=flow, opts=opts):
+                with torch.inference_mode(), torch.autocast(device.type, dtype=opts.get("amp", torch.float32),
+                                                            enabled="amp" in opts):
+                    return run(image, flow).argmax(1)
+
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = timed(step, device, warmup, iters)
+            masks = step()
+            reference.setdefault(b, masks)
+            row = {"backbone": backbone, "variant": name, "batch": b, "frames_per_s": b / seconds,
+                   "mask_iou_vs_fp32": mask_iou(masks, reference[b])}
+            if device.type == "cuda":
+                row["peak_device_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+            rows.append(row)
+    return rows, forward_flops(base.to(memory_format=torch.contiguous_format), device)
+
+
+def bench_train_step(backbone, size, batch, device, amp, warmup, iters):
+    model = DepthFlow(backbone, size=size).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    image = torch.rand(batch, 3, size, size, device=device)
+    flow = torch.rand(batch, 3, size, size, device=device)
+    target = (torch.rand(batch, size, size, device=device) > 0.7).long()
+
+    def step():
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = torch.nn.functional.cross_entropy(model(image, flow).float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return timed(step, device, warmup, iters)
+
+
+def bench_end_to_end(device, size, quick, workers):
+    """Our streaming --test loop vs a reference-style loop, same weights, same toy videos."""
+    from dataset import DATASETS, scan
+    from evaluator import segment_dataset
+    from model.checkpoints import released_to_model
+    from utils.toydata import generate
+
+    try:
+        from tests.reference_net import random_reference
+    except ImportError:
+        return None
+    root = Path(tempfile.mkdtemp(prefix="depthflow-bench-"))
+    try:
+        frames = 12 if quick else 60
+        generate(root / "toy", seed=0, size=(240, 427), videos=2, frames=frames, datasets=("davis",))
+        videos = scan(DATASETS["davis"], root / "toy/DAVIS")
+        reference = random_reference("mitb0", size=size).to(device).eval()
+        state, _ = released_to_model(reference.state_dict())
+        ours = DepthFlow("mitb0", size=size)
+        ours.load_state_dict(state)
+        ours.to(device)
+        t0 = time.perf_counter()
+        result = segment_dataset(ours, DATASETS["davis"], videos, device, out_dir=root / "ours", batch_size=8,
+                                 workers=workers, progress=False)
+        ours_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ref_masks = reference_style_loop(reference, videos, root / "reference", device)
+        ref_s = time.perf_counter() - t0
+        ours_masks = [np.asarray(Image.open(p)) for v in videos for p in sorted((root / "ours" / v.key).glob("*.png"))]
+        agreement = float(np.mean([np.mean(a == b) for a, b in zip(ours_masks, ref_masks)]))
+        n = sum(len(v.frames) for v in videos)
+        return {"frames": n, "ours_frames_per_s": n / ours_s, "reference_frames_per_s": n / ref_s,
+                "speedup": ref_s / ours_s, "forward_fps_ours": result["speed"]["forward_fps"],
+                "pixel_agreement": agreement}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def reference_style_loop(reference, videos, out_dir, device) -> list[np.ndarray]:
+    """How the upstream evaluation runs: load the whole video, then one frame at a time, write PNGs inline."""
+    from utils.io import read_image
+    from utils.palette import save_palette_mask
+
+    masks = []
+    for video in videos:
+        images = [torch.from_numpy(np.array(read_image(f.image, "RGB"))).permute(2, 0, 1).float() / 255
+                  for f in video.frames]
+        flows = [torch.from_numpy(np.array(read_image(f.flow, "RGB"))).permute(2, 0, 1).float() / 255
+                 for f in video.frames]
+        for frame, image, flow in zip(video.frames, images, flows):
+            with torch.no_grad():
+                mask = reference(image[None].to(device), flow[None].to(device)).argmax(1)[0]
+            mask = mask.to(torch.uint8).cpu().numpy()
+            save_palette_mask(mask, out_dir / video.key / f"{frame.stem}.png")
+            masks.append(mask)
+    return masks
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Device: {report['device_name']}; torch {report['torch']}; {report['when']}", "",
+             "| backbone | variant | batch | frames/s | mask IoU vs fp32 | peak device MiB |",
+             "|---|---|---|---|---|---|"]
+    for r in report["forward"]:
+        mem = f"{r['peak_device_mib']:.0f}" if "peak_device_mib" in r else "-"
+        lines.append(f"| {r['backbone']} | {r['variant']} | {r['batch']} | {r['frames_per_s']:.1f} | "
+                     f"{r['mask_iou_vs_fp32']:.4f} | {mem} |")
+    lines += ["", "| backbone | GFLOPs per frame | training step (s) |", "|---|---|---|"]
+    for b, info in report["per_backbone"].items():
+        lines.append(f"| {b} | {info['gflops_per_frame']:.1f} | {info['train_step_s']:.3f} |")
+    e2e = report.get("end_to_end")
+    if e2e:
+        lines += ["", f"End to end (`--test` loop vs reference-style loop, mitb0, {e2e['frames']} toy frames): "
+                  f"{e2e['ours_frames_per_s']:.1f} vs {e2e['reference_frames_per_s']:.1f} frames/s "
+                  f"({e2e['speedup']:.2f}x); masks agree on {100 * e2e['pixel_agreement']:.3f}% of pixels."]
+    lines.append(f"Peak host memory of the benchmark process: {report['peak_host_mib']:.0f} MiB.")
+    return "\n".join(lines) + "\n"
+
+
+@cli_entry
+def main(argv=None):
+    parser = ArgumentParser(prog="python -m utils.bench", description=__doc__)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="bench_results", help="folder for bench.json and bench.md")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to compile)")
+    parser.add_argument("--backbones", default="mitb0,mitb1,mitb2")
+    parser.add_argument("--batch", type=int, default=8, help="the batched size (default 8)")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    quick = args.quick
+    size = 64 if quick else 512
+    backbones = ["mitb0"] if quick else args.backbones.split(",")
+    warmup, iters = (1, 2) if quick else ((3, 10) if device.type == "cuda" else (1, 3))
+    report = {"device": device.type, "torch": torch.__version__, "when": time.strftime("%Y-%m-%d"),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+              or platform.machine(), "size": size, "forward": [], "per_backbone": {}}
+    for backbone in backbones:
+        rows, flops = bench_forward(backbone, size, [1, 2 if quick else args.batch], device, args.compile,
+                                    warmup, iters)
+        report["forward"] += rows
+        train_s = bench_train_step(backbone, size, 2 if quick else 4, device,
+                                   torch.bfloat16 if device.type == "cuda" else None, warmup, iters)
+        report["per_backbone"][backbone] = {"gflops_per_frame": flops / 1e9, "train_step_s": train_s}
+    report["end_to_end"] = bench_end_to_end(device, size, quick, args.workers)
+    report["peak_host_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = Path(args.out)
+    write_text_atomic(json.dumps(report, indent=2) + "\n", out / "bench.json")
+    write_text_atomic(markdown(report), out / "bench.md")
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
