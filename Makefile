@@ -18,5 +18,9 @@ lint: setup
 test: lint
 	$(PY) -m pytest -q
 
+# The whole method on toy data: toy datasets, synthetic DUTSv2 flows, both training stages, all test sets.
+demo: setup
+	$(PY) -m utils.toy_demo
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache toy_demo bench_results

@@ -192,17 +192,6 @@ def scan(spec: DatasetSpec, root) -> list[Video]:
     return videos
 
 
-def frame_size(frame: Frame) -> tuple[int, int]:
-    """(H, W) from the image header, without decoding pixels."""
-    from PIL import Image
-
-    try:
-        with Image.open(frame.image) as img:
-            return img.height, img.width
-    except OSError as err:
-        raise UserError(f"unreadable image: {frame.image} ({err})") from None
-
-
 class VideoFrames(Dataset):
     """All frames of a list of videos, one item per frame, for streaming evaluation.
 

@@ -9,7 +9,7 @@ settings are kept in OUT/synthesis.json, and a restart with different settings i
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +29,7 @@ IMAGE_DIR, MASK_DIR = "DUTS-TR-Image", "DUTS-TR-Mask"
 class Report:
     done: int = 0
     resumed: int = 0
-    skipped: list = None
-
-    def __post_init__(self):
-        self.skipped = []
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (image, why)
 
 
 def list_duts(duts_root: Path) -> list[str]:

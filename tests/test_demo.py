@@ -16,8 +16,9 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def _video_frames(count):
-    cap = cv2.VideoCapture(str(count))
+def _video_frames(path):
+    """(frame count, width, height) of a video file."""
+    cap = cv2.VideoCapture(str(path))
     n = 0
     while cap.read()[0]:
         n += 1
