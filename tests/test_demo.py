@@ -77,3 +77,19 @@ def test_demo_errors(toy_root, checkpoint, tmp_path, capsys):
     Image.new("RGB", (60, 48)).save(mixed / "00001.jpg")
     check(mixed, "frames differ in size", "00001.jpg")
     check(toy_root / "LVID/JPEGImages/lvid00", "checkpoint not found", ckpt=tmp_path / "none.pth")
+
+
+def test_toy_pipeline_runs_every_step(tmp_path):
+    """`make demo`'s pipeline, with one epoch per stage: every step runs and the last line is the J&F."""
+    from tests.conftest import run_cli
+
+    out = tmp_path / "toy_demo"
+    rc, stdout, err = run_cli("-m", "utils.toy_demo", "--out", out, "--stage1-epochs", "1", "--stage2-epochs", "1",
+                              timeout=900)
+    assert rc == 0, err[-2000:]
+    assert stdout.strip().splitlines()[-1].startswith("toy DAVIS 2016 val J&F: ")
+    assert "python -m flow_synthesis --duts" in stdout and "toy data" in stdout
+    manifest = (out / "data/DUTSv2-synth/manifest.jsonl").read_text().splitlines()
+    assert len(manifest) == 64, "the DUTSv2 used for training is synthesised, not the toy flows"
+    for folder in ("DAVIS16_val", "FBMS_test", "YTOBJ", "LVID"):
+        assert any((out / "test" / folder).rglob("*.png"))

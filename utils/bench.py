@@ -131,7 +131,7 @@ def bench_train_step(backbone, size, batch, device, amp, warmup, iters):
     return timed(step, device, warmup, iters)
 
 
-def bench_end_to_end(device, size, quick, workers):
+def bench_end_to_end(device, size, quick, workers, backbone="mitb0", frames=None, batch_size=8):
     """Our streaming --test loop vs a reference-style loop, same weights, same toy videos."""
     from dataset import DATASETS, scan
     from evaluator import segment_dataset
@@ -144,17 +144,17 @@ def bench_end_to_end(device, size, quick, workers):
         return None
     root = Path(tempfile.mkdtemp(prefix="depthflow-bench-"))
     try:
-        frames = 12 if quick else 60
+        frames = frames or (12 if quick else 60)
         generate(root / "toy", seed=0, size=(240, 427), videos=2, frames=frames, datasets=("davis",))
         videos = scan(DATASETS["davis"], root / "toy/DAVIS")
-        reference = random_reference("mitb0", size=size).to(device).eval()
+        reference = random_reference(backbone, size=size).to(device).eval()
         state, _ = released_to_model(reference.state_dict())
-        ours = DepthFlow("mitb0", size=size)
+        ours = DepthFlow(backbone, size=size)
         ours.load_state_dict(state)
         ours.to(device)
         t0 = time.perf_counter()
-        result = segment_dataset(ours, DATASETS["davis"], videos, device, out_dir=root / "ours", batch_size=8,
-                                 workers=workers, progress=False)
+        result = segment_dataset(ours, DATASETS["davis"], videos, device, out_dir=root / "ours",
+                                 batch_size=batch_size, workers=workers, progress=False)
         ours_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         ref_masks, ref_forward_s = reference_style_loop(reference, videos, root / "reference", device)
@@ -162,7 +162,7 @@ def bench_end_to_end(device, size, quick, workers):
         ours_masks = [np.asarray(Image.open(p)) for v in videos for p in sorted((root / "ours" / v.key).glob("*.png"))]
         agreement = float(np.mean([np.mean(a == b) for a, b in zip(ours_masks, ref_masks)]))
         n = sum(len(v.frames) for v in videos)
-        return {"frames": n, "ours_frames_per_s": n / ours_s, "reference_frames_per_s": n / ref_s,
+        return {"backbone": backbone, "frames": n, "ours_frames_per_s": n / ours_s, "reference_frames_per_s": n / ref_s,
                 "speedup": ref_s / ours_s, "forward_fps_ours": result["speed"]["forward_fps"],
                 "forward_fps_reference": n / ref_forward_s,
                 "forward_speedup": result["speed"]["forward_fps"] * ref_forward_s / n, "pixel_agreement": agreement}
@@ -203,12 +203,14 @@ def markdown(report: dict) -> str:
         mem = f"{r['peak_device_mib']:.0f}" if "peak_device_mib" in r else "-"
         lines.append(f"| {r['backbone']} | {r['variant']} | {r['batch']} | {r['frames_per_s']:.1f} | "
                      f"{r['mask_iou_vs_fp32']:.4f} | {mem} |")
-    lines += ["", "| backbone | GFLOPs per frame | training step (s) |", "|---|---|---|"]
+    lines += ["", f"| backbone | GFLOPs per frame | training step, batch {report['train_batch']} (s) |",
+              "|---|---|---|"]
     for b, info in report["per_backbone"].items():
         lines.append(f"| {b} | {info['gflops_per_frame']:.1f} | {info['train_step_s']:.3f} |")
     e2e = report.get("end_to_end")
     if e2e:
-        lines += ["", f"Against the reference-style loop (mitb0, same weights, {e2e['frames']} toy frames of 427x240): "
+        lines += ["", f"Against the reference-style loop ({e2e['backbone']}, same weights, {e2e['frames']} toy frames "
+                  f"of 427x240): "
                   f"forward {e2e['forward_fps_ours']:.1f} vs {e2e['forward_fps_reference']:.1f} frames/s "
                   f"({e2e['forward_speedup']:.2f}x); end to end {e2e['ours_frames_per_s']:.1f} vs "
                   f"{e2e['reference_frames_per_s']:.1f} frames/s ({e2e['speedup']:.2f}x); masks agree on "
@@ -227,23 +229,28 @@ def main(argv=None):
     parser.add_argument("--backbones", default="mitb0,mitb1,mitb2")
     parser.add_argument("--batch", type=int, default=8, help="the batched size (default 8)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--e2e-backbone", default="mitb0", help="backbone of the end-to-end comparison")
+    parser.add_argument("--e2e-frames", type=int, help="frames per toy video in it (default 60; quick 12)")
+    parser.add_argument("--skip-forward", action="store_true", help="only the end-to-end comparison")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     quick = args.quick
     size = 64 if quick else 512
     backbones = ["mitb0"] if quick else args.backbones.split(",")
-    warmup, iters = (1, 2) if quick else ((3, 10) if device.type == "cuda" else (1, 3))
+    warmup, iters = (1, 2) if quick or device.type == "cpu" else (3, 10)
     report = {"device": device.type, "torch": torch.__version__, "when": time.strftime("%Y-%m-%d"),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-              or platform.machine(), "size": size, "forward": [], "per_backbone": {}}
-    for backbone in backbones:
+              or platform.machine(), "size": size, "forward": [], "per_backbone": {},
+              "train_batch": 4 if device.type == "cuda" else 2}
+    for backbone in [] if args.skip_forward else backbones:
         rows, flops = bench_forward(backbone, size, [1, 2 if quick else args.batch], device, args.compile,
                                     warmup, iters)
         report["forward"] += rows
-        train_s = bench_train_step(backbone, size, 2 if quick else 4, device,
+        train_s = bench_train_step(backbone, size, report["train_batch"], device,
                                    torch.bfloat16 if device.type == "cuda" else None, warmup, iters)
         report["per_backbone"][backbone] = {"gflops_per_frame": flops / 1e9, "train_step_s": train_s}
-    report["end_to_end"] = bench_end_to_end(device, size, quick, args.workers)
+    report["end_to_end"] = bench_end_to_end(device, size, quick, args.workers, args.e2e_backbone, args.e2e_frames,
+                                            args.batch)
     report["peak_host_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = Path(args.out)
     write_text_atomic(json.dumps(report, indent=2) + "\n", out / "bench.json")

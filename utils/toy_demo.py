@@ -22,7 +22,8 @@ from pathlib import Path
 from utils.errors import ArgumentParser, UserError, cli_entry
 
 TOY_SCALE = ["--backbone", "mitb0", "--size", "64", "--device", "cpu", "--batch-size", "8", "--lr", "5e-4",
-             "--workers", "2", "--val-every", "10", "--checkpoint-every", "10", "--save-every", "0"]
+             "--workers", "2", "--checkpoint-every", "10", "--save-every", "0"]
+VAL_EVERY = 10
 
 
 def step(title: str, args: list) -> None:
@@ -47,12 +48,13 @@ def main(argv=None):
     step("toy datasets", ["-m", "utils.toydata", data, "--seed", args.seed, "--videos", "8", "--frames", "12"])
     step("DUTS-TR depth -> synthetic flow (DUTSv2)", ["-m", "flow_synthesis", "--duts", data / "DUTS-TR", "--out",
                                                       synthetic, "--depth-dir", data / "DUTS-TR/DUTS-TR-Depth"])
-    step("training, stage 1 (YouTube-VOS)", ["run.py", "--train", "--stage", "1", "--datasets", "ytvos:64",
-                                            "--epochs", args.stage1_epochs, "--output", out / "stage1", *common])
+    step("training, stage 1 (YouTube-VOS)",
+         ["run.py", "--train", "--stage", "1", "--datasets", "ytvos:64", "--epochs", args.stage1_epochs,
+          "--val-every", min(VAL_EVERY, args.stage1_epochs), "--output", out / "stage1", *common])
     step("training, stage 2 (DUTSv2 + DAVIS train)",
          ["run.py", "--train", "--stage", "2", "--datasets", "duts:48,davis_train:16", "--epochs",
-          args.stage2_epochs, "--checkpoint", out / "stage1/last.pth", "--duts-root", synthetic, "--output",
-          out / "stage2", *common])
+          args.stage2_epochs, "--val-every", min(VAL_EVERY, args.stage2_epochs), "--checkpoint",
+          out / "stage1/last.pth", "--duts-root", synthetic, "--output", out / "stage2", *common])
     step("testing on DAVIS 2016 val, FBMS, YouTube-Objects, Long-Videos",
          ["run.py", "--test", "--checkpoint", out / "stage2/best.pth", "--data-root", data, "--output", out / "test",
           "--device", "cpu"])
