@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, spec in DATASETS.items():
         if name != "davis_train":
             d.add_argument(f"--{name.replace('_', '-')}-root", metavar="DIR",
-                           help=f"{spec.title} folder (default DATA_ROOT/{spec.folder})")
+                           help=f"the {spec.folder} folder (default DATA_ROOT/{spec.folder})")
     d.add_argument("--datasets", help=f"--test: comma-separated subset of {','.join(TEST_DATASETS)} (default all); "
                                       "--train: NAME:SAMPLES list, default by --stage "
                                       "(1: ytvos:512, 2: duts:384,davis_train:128)")
