@@ -213,3 +213,72 @@ def test_dis_flow_points_the_right_way(tmp_path):
     assert video_flows(frame_paths, out, DISFlow(), progress=False) == 3
     assert video_flows(frame_paths, out, DISFlow(), progress=False) == 0, "complete flows are kept"
     assert sorted(p.stem for p in out.glob("*.jpg")) == ["00000", "00001", "00002"]
+
+
+def _official_to_hf_dpt(state: dict) -> dict:
+    """Official DPT-Large key names -> HF transformers 4.x DPTForDepthEstimation (an independent implementation)."""
+    import re
+
+    rules = [
+        (r"^pretrained\.model\.cls_token$", "dpt.embeddings.cls_token"),
+        (r"^pretrained\.model\.pos_embed$", "dpt.embeddings.position_embeddings"),
+        (r"^pretrained\.model\.patch_embed\.proj\.", "dpt.embeddings.patch_embeddings.projection."),
+        (r"^pretrained\.model\.blocks\.(\d+)\.norm1\.", r"dpt.encoder.layer.\1.layernorm_before."),
+        (r"^pretrained\.model\.blocks\.(\d+)\.norm2\.", r"dpt.encoder.layer.\1.layernorm_after."),
+        (r"^pretrained\.model\.blocks\.(\d+)\.attn\.proj\.", r"dpt.encoder.layer.\1.attention.output.dense."),
+        (r"^pretrained\.model\.blocks\.(\d+)\.mlp\.fc1\.", r"dpt.encoder.layer.\1.intermediate.dense."),
+        (r"^pretrained\.model\.blocks\.(\d+)\.mlp\.fc2\.", r"dpt.encoder.layer.\1.output.dense."),
+        (r"^pretrained\.model\.norm\.", "dpt.layernorm."),
+        (r"^pretrained\.act_postprocess(\d)\.0\.project\.0\.",
+         lambda m: f"neck.reassemble_stage.readout_projects.{int(m[1]) - 1}.0."),
+        (r"^pretrained\.act_postprocess(\d)\.3\.",
+         lambda m: f"neck.reassemble_stage.layers.{int(m[1]) - 1}.projection."),
+        (r"^pretrained\.act_postprocess(\d)\.4\.",
+         lambda m: f"neck.reassemble_stage.layers.{int(m[1]) - 1}.resize."),
+        (r"^scratch\.layer(\d)_rn\.", lambda m: f"neck.convs.{int(m[1]) - 1}."),
+        (r"^scratch\.refinenet(\d)\.", lambda m: f"neck.fusion_stage.layers.{4 - int(m[1])}."),
+        (r"^scratch\.output_conv\.", "head.head."),
+    ]
+    inner = [("out_conv.", "projection."), ("resConfUnit1.", "residual_layer1."), ("resConfUnit2.", "residual_layer2."),
+             ("conv1.", "convolution1."), ("conv2.", "convolution2.")]
+    out = {}
+    for key, value in state.items():
+        if key.startswith("pretrained.model.head."):
+            continue
+        if m := re.match(r"^pretrained\.model\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", key):
+            for name, part in zip(("query", "key", "value"), value.chunk(3)):
+                out[f"dpt.encoder.layer.{m[1]}.attention.attention.{name}.{m[2]}"] = part
+            continue
+        for pattern, replacement in rules:
+            if re.match(pattern, key):
+                key = re.sub(pattern, replacement, key)
+                if key.startswith("neck.fusion_stage"):
+                    for a, b in inner:
+                        key = key.replace(a, b)
+                break
+        else:
+            raise KeyError(key)
+        out[key] = value
+    return out
+
+
+def test_dpt_large_matches_hf_transformers_dpt():
+    """Same weights through HF's independent DPT implementation give the same inverse depth."""
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    torch.manual_seed(0)
+    ours = DPT("large").eval()
+    config = DPTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                       backbone_out_indices=[5, 11, 17, 23], neck_hidden_sizes=[256, 512, 1024, 1024],
+                       fusion_hidden_size=256, readout_type="project", image_size=384, patch_size=16,
+                       layer_norm_eps=1e-6)
+    hf = DPTForDepthEstimation(config).eval()
+    hf.load_state_dict(_official_to_hf_dpt(ours.state_dict()), strict=True)
+    # HF's plain-ViT DPT assumes a square token grid; 448 also exercises the position-embedding resize.
+    for side in (384, 448):
+        x = torch.randn(1, 3, side, side)
+        with torch.inference_mode():
+            a, b = ours(x), hf(pixel_values=x).predicted_depth
+        assert a.shape == b.shape == (1, side, side)
+        assert (b > 0).float().mean() > 0.05, "a depth map of zeros would make this comparison empty"
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
