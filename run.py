@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "written by --train (for --train: initial weights, e.g. stage 1's)")
     m.add_argument("--pretrained", help="ImageNet MiT weights to start training from: nvidia/mit-b* "
                                         "(pytorch_model.bin or model.safetensors) or NVlabs mit_b*.pth")
-    m.add_argument("--size", type=int, help="internal square resolution: training default 512; otherwise the "
-                                            "checkpoint's own (512 for the released files)")
+    m.add_argument("--size", type=int, help="internal square resolution; default: the checkpoint's own (512 for "
+                                            "the released files), or 512 when training from scratch")
 
     d = parser.add_argument_group("data")
     d.add_argument("--data-root", default=DEFAULT_DATA_ROOT,
@@ -76,8 +76,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.dataset_roots = {name: getattr(args, f"{name.replace('_', '-')}_root".replace("-", "_"))
                           for name in DATASETS if name != "davis_train"}
     args.dataset_roots["davis_train"] = args.dataset_roots["davis"]
-    if args.train and args.size is None:
-        args.size = 512
     if args.output is None and not args.demo:
         args.output = f"runs/stage{args.stage}" if args.train else "outputs"
     if args.size is not None and (args.size < 32 or args.size % 32):

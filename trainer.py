@@ -26,19 +26,14 @@ from tqdm import tqdm
 from dataset import DATASETS, Source, TrainingFrames, dataset_root, scan
 from evaluator import autocast_context, check_writable, segment_dataset
 from model import DepthFlow
-from model.checkpoints import (
-    load_depthflow,
-    load_pretrained_mit,
-    model_config,
-    read_project_checkpoint,
-    save_project_checkpoint,
-)
+from model.checkpoints import load_depthflow, load_pretrained_mit, read_project_checkpoint, save_project_checkpoint
 from utils import distributed
 from utils.errors import UserError
 
 # Training sets per stage, as "dataset:samples per epoch" (REFERENCE.md section 2).
 STAGE_SOURCES = {1: "ytvos:512", 2: "duts:384,davis_train:128"}
 STAGE_EPOCHS = {1: 4000, 2: 2000}
+DEFAULT_BACKBONE, DEFAULT_SIZE = "mitb2", 512
 
 
 def parse_sources(text: str) -> list[tuple[str, int]]:
@@ -129,20 +124,24 @@ def _train(args, ctx, stop) -> Path:
     epochs = args.epochs or STAGE_EPOCHS[args.stage]
 
     torch.manual_seed(args.seed)
-    model = DepthFlow(args.backbone or "mitb2", size=args.size)
     resume = _resume_path(args, output)
     state = read_project_checkpoint(resume) if resume else None
     if state is not None:
-        config = {**model_config(model), "layer_norm_eps": state["config"]["layer_norm_eps"]}
-        if state["config"] != config:
-            raise UserError(f"{resume} was trained with {state['config']}, this run asks for {config}")
+        config = state["config"]
+        asked = {"backbone": args.backbone or config["backbone"], "size": args.size or config["size"]}
+        if asked != {"backbone": config["backbone"], "size": config["size"]}:
+            raise UserError(f"{resume} holds a {config['backbone']} model at --size {config['size']}; this run asks "
+                            f"for {asked['backbone']} at --size {asked['size']}")
+        model = DepthFlow(**config)
         model.load_state_dict(state["model"])
     elif args.checkpoint:
         model = load_depthflow(args.checkpoint, backbone=args.backbone, size=args.size)
-    elif args.pretrained:
-        load_pretrained_mit(model, args.pretrained)
-    elif ctx.is_main:
-        print("warning: no --pretrained ImageNet MiT weights; the encoders start from random initialisation")
+    else:
+        model = DepthFlow(args.backbone or DEFAULT_BACKBONE, size=args.size or DEFAULT_SIZE)
+        if args.pretrained:
+            load_pretrained_mit(model, args.pretrained)
+        elif ctx.is_main:
+            print("warning: no --pretrained ImageNet MiT weights; the encoders start from random initialisation")
     model.to(ctx.device)
     net = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None) \
         if ctx.distributed else model
@@ -158,7 +157,7 @@ def _train(args, ctx, stop) -> Path:
         if ctx.is_main:
             print(f"resuming from {resume}: epoch {start_epoch + 1}, step {start_step}")
 
-    data = TrainingFrames(sources, size=args.size, seed=args.seed)
+    data = TrainingFrames(sources, size=model.size, seed=args.seed)
     sampler = DistributedSampler(data, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed)
     per_rank = args.batch_size // ctx.world_size
 

@@ -15,6 +15,7 @@ from model import DepthFlow
 from model.checkpoints import read_project_checkpoint, save_project_checkpoint
 from tests.conftest import ROOT, assert_one_line_error, run_cli, run_main
 from trainer import StopFlag, train
+from utils.errors import UserError
 
 TOY_RECIPE = ["--backbone", "mitb0", "--size", "64", "--stage", "2", "--datasets", "duts:32,davis_train:32",
               "--batch-size", "8", "--lr", "5e-4", "--workers", "2", "--device", "cpu"]
@@ -88,11 +89,11 @@ def test_scoring_ground_truth_gives_perfect_scores(toy_root, tmp_path, capsys):
     assert_one_line_error(code, err, "missing result mask", str(results / "fbms01"))
 
 
-def _small_args(toy_root, out, *extra):
-    return run.parse_args(["--train", "--backbone", "mitb0", "--size", "32", "--stage", "2", "--datasets",
-                           "duts:8,davis_train:8", "--batch-size", "4", "--lr", "1e-4", "--workers", "0",
-                           "--device", "cpu", "--val-every", "0", "--checkpoint-every", "1", "--epochs", "2",
-                           "--data-root", str(toy_root), "--output", str(out), *extra])
+def _small_args(toy_root, out, *extra, model=("--backbone", "mitb0", "--size", "32")):
+    return run.parse_args(["--train", *model, "--stage", "2", "--datasets", "duts:8,davis_train:8", "--batch-size",
+                           "4", "--lr", "1e-4", "--workers", "0", "--device", "cpu", "--val-every", "0",
+                           "--checkpoint-every", "1", "--epochs", "2", "--data-root", str(toy_root), "--output",
+                           str(out), *extra])
 
 
 class StopAfter(StopFlag):
@@ -112,7 +113,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(toy_root, tmp_pat
     train(_small_args(toy_root, stopped), stop=StopAfter(stop_after))
     state = read_project_checkpoint(stopped / "last.pth")
     assert (state["epoch"], state["step"]) == ((0, 3) if stop_after == 3 else (0, 4))
-    train(_small_args(toy_root, stopped, "--resume"))
+    with pytest.raises(UserError, match="holds a mitb0 model at --size 32; this run asks for mitb0 at --size 64"):
+        train(_small_args(toy_root, stopped, "--resume", model=("--size", "64")))
+    train(_small_args(toy_root, stopped, "--resume", model=()))  # backbone and size come from the checkpoint
     a = read_project_checkpoint(straight / "last.pth")
     b = read_project_checkpoint(stopped / "last.pth")
     assert a["epoch"] == b["epoch"] == 2
