@@ -110,7 +110,11 @@ def model_to_released(state_dict: dict, backbone: str) -> dict:
 
 
 def _checked_load(model: torch.nn.Module, state_dict: dict, path) -> None:
-    result = model.load_state_dict(state_dict, strict=False)
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise UserError(f"{path} does not fit the DepthFlow network: {detail}") from None
     if result.missing_keys or result.unexpected_keys:
         raise UserError(
             f"{path} does not fit the DepthFlow network: missing {result.missing_keys[:3]}, "

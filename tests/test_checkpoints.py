@@ -155,4 +155,11 @@ def test_bad_checkpoints_give_one_line_errors(released, tmp_path, capsys):
     torch.save({k: v for k, v in torch.load(good, weights_only=True).items() if "block.1.0" not in k}, broken)
     rc, _, err = run_main(convert_cmd.main, broken, out, capsys=capsys)
     assert_one_line_error(rc, err, str(broken), "incomplete")
+
+    mixed = tmp_path / "mixed.pth"
+    state = torch.load(good, weights_only=True)
+    state["vos.decoder.conv1.conv.weight"] = torch.zeros(256, 512, 1, 1)  # a mitb1/b2 decoder on mitb0 encoders
+    torch.save(state, mixed)
+    rc, _, err = run_main(convert_cmd.main, mixed, out, capsys=capsys)
+    assert_one_line_error(rc, err, str(mixed), "does not fit the DepthFlow network", "size mismatch")
     assert not out.exists()
