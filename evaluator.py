@@ -195,10 +195,11 @@ def check_writable(folder) -> Path:
 
 
 def scan_datasets(names, data_root, overrides: dict) -> dict[str, list[Video]]:
-    """Validate every requested dataset before any work starts."""
-    unknown = [n for n in names if n not in DATASETS]
+    """Validate every requested test dataset before any work starts."""
+    testable = [n for n, spec in DATASETS.items() if spec.metric]
+    unknown = [n for n in names if n not in testable]
     if unknown:
-        raise UserError(f"unknown dataset {unknown[0]!r}; expected one of {', '.join(DATASETS)}")
+        raise UserError(f"unknown test dataset {unknown[0]!r}; expected one of {', '.join(testable)}")
     return {n: scan(DATASETS[n], dataset_root(DATASETS[n], data_root, overrides.get(n))) for n in names}
 
 

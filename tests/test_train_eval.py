@@ -157,7 +157,9 @@ def test_user_errors_are_one_line(toy_root, toy_copy, tmp_path, capsys):
     check("--test", "--checkpoint", ckpt, "--backbone", "mitb7", expect=["invalid choice: 'mitb7'"])
     check("--test", "--checkpoint", ckpt, "--backbone", "mitb1", expect=["holds a mitb0 model; --backbone is mitb1"])
     check("--test", "--checkpoint", ckpt, "--data-root", toy_root, "--datasets", "davis,kitti", "--output",
-          tmp_path / "o", expect=["unknown dataset 'kitti'"])
+          tmp_path / "o", expect=["unknown test dataset 'kitti'"])
+    check("--test", "--checkpoint", ckpt, "--data-root", toy_root, "--datasets", "ytvos", "--output", tmp_path / "o",
+          expect=["unknown test dataset 'ytvos'", "davis_train"])
     blocker = tmp_path / "file"
     blocker.write_text("")
     check("--test", "--checkpoint", ckpt, "--data-root", toy_root, "--output", blocker / "sub",
