@@ -12,12 +12,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
 from dataset import FRAME_EXTENSIONS, Frame, Video
 from utils.errors import UserError
-from utils.io import read_rgb, save_image_atomic
+from utils.io import save_image_atomic
 from utils.palette import save_palette_mask
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -76,6 +77,11 @@ def check_sizes(frames: list[Path]) -> tuple[int, int]:
     return h, w
 
 
+def to_uint8(frame) -> np.ndarray:
+    """The loader's 3xHxW [0, 1] tensor back to the HxWx3 uint8 image it was decoded from (exact)."""
+    return frame.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
 def overlay(rgb: np.ndarray, mask: np.ndarray, flow_rgb: np.ndarray) -> np.ndarray:
     tinted = rgb.astype(np.float32)
     tinted[mask == 1] = 0.45 * tinted[mask == 1] + 0.55 * TINT
@@ -115,11 +121,11 @@ def run_demo(args) -> Path:
     # OpenCV picks the container from the extension, so the partial file keeps .mp4; one rename finishes it.
     partial = out / "overlay.partial.mp4"
     writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), DEMO_FPS, (2 * width, height))
-    for _, index, mask, _ in stream_predictions(model, [video], "nonzero", device, batch_size=args.batch_size,
-                                                workers=args.workers, amp=args.amp):
-        frame = video.frames[index]
-        save_palette_mask(mask, out / "masks" / f"{frame.stem}.png")
-        composed = overlay(read_rgb(frame.image), mask, read_rgb(frame.flow))
+    for pred in stream_predictions(model, [video], "nonzero", device, batch_size=args.batch_size,
+                                   workers=args.workers, amp=args.amp):
+        index, mask = pred.index, pred.mask
+        save_palette_mask(mask, out / "masks" / f"{video.frames[index].stem}.png")
+        composed = overlay(to_uint8(pred.image), mask, to_uint8(pred.flow))
         writer.write(np.ascontiguousarray(composed[..., ::-1]))
         if index in wanted:
             scale = min(1.0, SHEET_TILE_WIDTH / composed.shape[1])

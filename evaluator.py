@@ -16,6 +16,7 @@ import time
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -69,10 +70,19 @@ def prepare_for_inference(model, device: torch.device, *, channels_last: bool = 
     return model
 
 
+class Prediction(NamedTuple):
+    video: Video
+    index: int  # frame position in the video
+    mask: np.ndarray  # HxW uint8, 1 = object
+    gt: np.ndarray | None  # HxW uint8 ground truth where annotated
+    image: torch.Tensor  # the loader's 3xHxW [0, 1] frame, kept so callers need not decode it again
+    flow: torch.Tensor
+
+
 def stream_predictions(model, videos: list[Video], mask_rule: str, device: torch.device, *, batch_size: int = 8,
                        workers: int = 2, amp: str = "off", timing: dict | None = None, desc: str = "segmenting",
                        progress: bool = True, channels_last: bool = False):
-    """Yield (video, frame index, predicted mask, ground-truth mask or None) for every frame, in order.
+    """Yield a Prediction for every frame, in order.
 
     Frames are loaded by `workers` processes in batches that never span two videos; only the forward pass
     runs here. `timing["forward_s"]` accumulates forward time (synchronised on GPU), as the paper's fps.
@@ -97,7 +107,8 @@ def stream_predictions(model, videos: list[Video], mask_rule: str, device: torch
             timing["forward_s"] += time.perf_counter() - t0
             for k, mask in enumerate(masks):
                 gt = batch["mask"][k].numpy() if batch["annotated"][k] else None
-                yield videos[int(batch["video"][k])], int(batch["frame"][k]), mask, gt
+                yield Prediction(videos[int(batch["video"][k])], int(batch["frame"][k]), mask, gt,
+                                 batch["image"][k], batch["flow"][k])
             bar.update(len(masks))
 
 
@@ -114,9 +125,10 @@ def segment_dataset(model, spec: DatasetSpec, videos: list[Video], device: torch
     timing, n_frames, pending = {}, 0, deque()
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for video, index, mask, gt in stream_predictions(model, videos, spec.mask_rule, device, batch_size=batch_size,
-                                                         workers=workers, amp=amp, timing=timing, desc=spec.title,
-                                                         progress=progress, channels_last=channels_last):
+        predictions = stream_predictions(model, videos, spec.mask_rule, device, batch_size=batch_size,
+                                         workers=workers, amp=amp, timing=timing, desc=spec.title,
+                                         progress=progress, channels_last=channels_last)
+        for video, index, mask, gt, _, _ in predictions:
             out = out_dir / video.key / f"{video.frames[index].stem}.png" if out_dir is not None else None
             pending.append((pool.submit(_finish_frame, mask, gt, out, index, boundary), video.key))
             n_frames += 1

@@ -82,13 +82,9 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))
+    random.setstate(state["python"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(value):
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 def foreground_iou(logits: torch.Tensor, target: torch.Tensor) -> float:

@@ -113,8 +113,9 @@ def video_flows(frames: list[Path], out_dir: Path, backend, batch_size: int = 4,
         chunk = todo[start:start + batch_size]
         # Pairs (t, t+1); the last frame pairs with its predecessor and its flow is negated.
         pairs = [(i, i + 1) if i + 1 < len(frames) else (i, i - 1) for i in chunk]
-        first = [read_rgb(frames[i]) for i, _ in pairs]
-        second = [read_rgb(frames[j]) for _, j in pairs]
+        decoded = {k: read_rgb(frames[k]) for pair in pairs for k in pair}  # each frame once per chunk
+        first = [decoded[i] for i, _ in pairs]
+        second = [decoded[j] for _, j in pairs]
         if any(s.shape != first[0].shape for s in first + second):
             raise UserError(f"frames of {frames[0].parent} differ in size (expected one size per video)")
         for (i, j), flow in zip(pairs, backend(first, second)):

@@ -54,6 +54,15 @@ def test_demo_on_a_frame_folder(toy_root, checkpoint, tmp_path, capsys):
     assert code == 0, err
     assert sorted(p.stem for p in (tmp_path / "d/masks").glob("*.png")) == [f"{i:05d}" for i in range(8)]
     assert not (tmp_path / "d/frames").exists()
+    # The first contact-sheet tile is frame 0 beside its flow: untinted where the mask (and its edge) is background.
+    frame = np.asarray(Image.open(folder / "00000.jpg").convert("RGB"))
+    flow = np.asarray(Image.open(tmp_path / "d/flows/00000.jpg").convert("RGB"))
+    mask = np.asarray(Image.open(tmp_path / "d/masks/00000.png"))
+    tile = np.asarray(Image.open(tmp_path / "d/contact_sheet.png"))[:64, :192]
+    background = cv2.dilate(mask, np.ones((3, 3), np.uint8)) == 0
+    assert background.any()
+    assert np.array_equal(tile[:, :96][background], frame[background])
+    assert np.array_equal(tile[:, 96:], flow)
 
 
 def test_demo_errors(toy_root, checkpoint, tmp_path, capsys):
