@@ -102,3 +102,25 @@ def test_toy_pipeline_runs_every_step(tmp_path):
     assert len(manifest) == 64, "the DUTSv2 used for training is synthesised, not the toy flows"
     for folder in ("DAVIS16_val", "FBMS_test", "YTOBJ", "LVID"):
         assert any((out / "test" / folder).rglob("*.png"))
+
+
+def test_unwritable_outputs_are_one_line_errors(toy_root, checkpoint, tmp_path, capsys):
+    from evaluator import main as evaluator_main
+    from flow_synthesis.__main__ import main as synth_main
+    from flow_synthesis.video_flow import main as flow_main
+    from utils.toydata import main as toydata_main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    bad = blocker / "out"  # a folder inside a regular file can never be created
+    commands = [
+        (toydata_main, [bad]),
+        (synth_main, ["--duts", toy_root / "DUTS-TR", "--out", bad, "--depth-dir", toy_root / "DUTS-TR/DUTS-TR-Depth"]),
+        (flow_main, ["--frames", toy_root / "LVID/JPEGImages/lvid00", "--out", bad]),
+        (run.main, ["--demo", toy_root / "LVID/JPEGImages/lvid00", "--checkpoint", checkpoint, "--output", bad]),
+        (evaluator_main, ["--dataset", "fbms", "--data-root", toy_root, "--results",
+                          toy_root / "FBMS/TestSet/Annotations", "--json", bad / "m.json", "--workers", "1"]),
+    ]
+    for main, argv in commands:
+        code, _, err = run_main(main, *argv, capsys=capsys)
+        assert_one_line_error(code, err, "cannot use", str(bad))

@@ -20,7 +20,8 @@ def one_line(err: UserError) -> str:
 
 
 def cli_entry(main):
-    """Run `main`; turn a UserError into one line on stderr and exit code 2."""
+    """Run `main`; turn a UserError, or an OS error about a path (an output folder that cannot be created, a
+    full disk), into one line on stderr and exit code 2."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -28,6 +29,12 @@ def cli_entry(main):
             return main(*args, **kwargs)
         except UserError as err:
             print(f"error: {one_line(err)}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+        except OSError as err:
+            if err.filename is None:  # not about a path the user gave: a real failure, keep its traceback
+                raise
+            print(f"error: cannot use {err.filename}: {err.strerror or err} (check the path and its permissions)",
+                  file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper
