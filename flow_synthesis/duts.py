@@ -12,6 +12,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -44,7 +45,8 @@ def list_duts(duts_root: Path) -> list[str]:
 
 
 class DepthFolder:
-    """Precomputed depth maps: DIR/<stem>.npy (float) or DIR/<stem>.png (8/16-bit); larger = nearer."""
+    """Precomputed depth maps: DIR/<stem>.npy (float) or DIR/<stem>.png (8/16-bit); larger = nearer.
+    Maps at another resolution are resized (bilinear) to their image's."""
 
     def __init__(self, folder: Path, stems: list[str]):
         self.folder = folder
@@ -62,10 +64,15 @@ class DepthFolder:
 
     def __call__(self, stems, images):
         out = []
-        for stem in stems:
+        for stem, rgb in zip(stems, images):
             path = self._path(stem)
             depth = np.load(path) if path.suffix == ".npy" else np.asarray(read_image(path), dtype=np.float32)
-            out.append(depth.astype(np.float32))
+            depth = np.squeeze(depth).astype(np.float32)
+            if depth.ndim != 2:
+                raise UserError(f"depth map {path} has shape {depth.shape}, expected one channel (H x W)")
+            if depth.shape != rgb.shape[:2]:  # other estimators may work at their own resolution
+                depth = cv2.resize(depth, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
+            out.append(depth)
         return out
 
 

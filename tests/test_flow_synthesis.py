@@ -143,6 +143,22 @@ def test_conversion_resumes_and_repairs(toy_copy, tmp_path):
         convert(duts, out, resumed, seed=1, progress=False)
 
 
+def test_depth_maps_at_another_resolution_are_resized(toy_root, tmp_path):
+    duts = toy_root / "DUTS-TR"
+    stems = sorted(p.stem for p in (duts / "DUTS-TR-Image").glob("*.jpg"))[:2]
+    depth_dir = tmp_path / "depth"
+    depth_dir.mkdir()
+    for stem in stems:
+        full = cv2.imread(str(duts / "DUTS-TR-Depth" / f"{stem}.png"), cv2.IMREAD_UNCHANGED).astype(np.float32)
+        np.save(depth_dir / f"{stem}.npy", cv2.resize(full, (48, 32), interpolation=cv2.INTER_AREA))
+    images = [np.asarray(cv2.imread(str(duts / "DUTS-TR-Image" / f"{s}.jpg"))) for s in stems]
+    depths = DepthFolder(depth_dir, stems)(stems, images)
+    assert [d.shape for d in depths] == [(64, 96), (64, 96)]
+    np.save(depth_dir / f"{stems[0]}.npy", np.zeros((2, 32, 48, 3), np.float32))
+    with pytest.raises(Exception, match="expected one channel"):
+        DepthFolder(depth_dir, stems)(stems, images)
+
+
 def test_empty_and_unreadable_masks_are_skipped_and_reported(toy_copy, tmp_path):
     duts = toy_copy / "DUTS-TR"
     masks = sorted((duts / "DUTS-TR-Mask").glob("*.png"))
