@@ -97,7 +97,7 @@ def contact_sheet(tiles: list[np.ndarray], columns: int = 4) -> np.ndarray:
 
 
 def run_demo(args) -> Path:
-    from evaluator import stream_predictions
+    from evaluator import prepare_for_inference, stream_predictions
     from flow_synthesis.video_flow import make_flow_backend, video_flows
     from model.checkpoints import load_depthflow
     from utils.distributed import resolve_device
@@ -106,7 +106,9 @@ def run_demo(args) -> Path:
         raise UserError("--demo needs --checkpoint FILE (a released DepthFlow_mitb*.pth or a --train output)")
     source = Path(args.demo)
     device = resolve_device(args.device)
-    model = load_depthflow(args.checkpoint, backbone=args.backbone, size=args.size).to(device)
+    model = prepare_for_inference(load_depthflow(args.checkpoint, backbone=args.backbone, size=args.size), device,
+                                  channels_last=args.channels_last, compile_model=args.compile,
+                                  winograd=args.winograd)
     out = Path(args.output) if args.output else Path("demo_out") / source.resolve().name
     frames = input_frames(source, out)
     height, width = check_sizes(frames)
@@ -122,7 +124,7 @@ def run_demo(args) -> Path:
     partial = out / "overlay.partial.mp4"
     writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), DEMO_FPS, (2 * width, height))
     for pred in stream_predictions(model, [video], "nonzero", device, batch_size=args.batch_size,
-                                   workers=args.workers, amp=args.amp):
+                                   workers=args.workers, amp=args.amp, channels_last=args.channels_last):
         index, mask = pred.index, pred.mask
         save_palette_mask(mask, out / "masks" / f"{video.frames[index].stem}.png")
         composed = overlay(to_uint8(pred.image), mask, to_uint8(pred.flow))

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataset import DATASETS, DatasetSpec, Video, VideoFrames, dataset_root, scan, video_batches
+from model.winograd import use_winograd, winograd_available
 from utils.errors import ArgumentParser, UserError, cli_entry
 from utils.io import write_text_atomic
 from utils.metrics import FrameScore, davis_summary, j_summary, score_frame
@@ -58,8 +59,16 @@ def autocast_context(device: torch.device, amp: str):
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def prepare_for_inference(model, device: torch.device, *, channels_last: bool = False, compile_model: bool = False):
+def prepare_for_inference(model, device: torch.device, *, channels_last: bool = False, compile_model: bool = False,
+                          winograd: bool = False):
     """Move the model to `device` in eval mode, with the optional fast paths (README, 'Speed')."""
+    if winograd:
+        if device.type != "cpu":
+            raise UserError(f"--winograd is for CPU inference; on {device.type} the convolution library "
+                            "chooses its own algorithms (drop --winograd)")
+        if not winograd_available():
+            raise UserError("--winograd needs NNPACK, which this PyTorch build or this CPU lacks (drop --winograd)")
+        use_winograd(model)
     model = model.to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -216,11 +225,12 @@ def scan_datasets(names, data_root, overrides: dict) -> dict[str, list[Video]]:
 
 
 def evaluate(model, names, data_root, overrides, output, device, *, batch_size=8, workers=2, amp="off",
-             json_path=None, save_masks=True, channels_last=False, compile_model=False) -> dict:
+             json_path=None, save_masks=True, channels_last=False, compile_model=False, winograd=False) -> dict:
     """`run.py --test`: every dataset in `names`, masks to output/<dataset folder>/, tables and JSON."""
     output = check_writable(output)
     videos = scan_datasets(names, data_root, overrides)
-    model = prepare_for_inference(model, device, channels_last=channels_last, compile_model=compile_model)
+    model = prepare_for_inference(model, device, channels_last=channels_last, compile_model=compile_model,
+                                  winograd=winograd)
     results = {}
     for name in names:
         spec = DATASETS[name]

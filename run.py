@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--workers", type=int, default=2, help="data-loading processes (default 2)")
     h.add_argument("--channels-last", action="store_true", help="inference in channels-last memory format")
     h.add_argument("--compile", action="store_true", help="torch.compile the model for inference")
+    h.add_argument("--winograd", action="store_true", help="CPU inference: the decoder's wide 3x3 convolutions "
+                                                           "by NNPACK's Winograd kernels (faster; logits move "
+                                                           "by ~1e-5, see README 'Speed')")
     h.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -80,6 +83,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.output = f"runs/stage{args.stage}" if args.train else "outputs"
     if args.size is not None and (args.size < 32 or args.size % 32):
         raise UserError(f"--size {args.size}: expected a positive multiple of 32 (the published model uses 512)")
+    inference_only = [flag for flag, on in (("--channels-last", args.channels_last), ("--compile", args.compile),
+                                            ("--winograd", args.winograd)) if on]
+    if args.train and inference_only:
+        raise UserError(f"{inference_only[0]} is an inference option (--test, --demo); training does not use it")
     if args.batch_size is None:
         args.batch_size = 16 if args.train else 8
     if args.batch_size < 1 or args.workers < 0:
@@ -99,7 +106,7 @@ def run_test(args) -> None:
     model = load_depthflow(args.checkpoint, backbone=args.backbone, size=args.size)
     evaluate(model, names, args.data_root, args.dataset_roots, args.output, device, batch_size=args.batch_size,
              workers=args.workers, amp=args.amp, json_path=args.json, channels_last=args.channels_last,
-             compile_model=args.compile)
+             compile_model=args.compile, winograd=args.winograd)
 
 
 @cli_entry

@@ -1,16 +1,26 @@
 """Every inference fast path gives the plain path's masks (README, 'Speed')."""
 
+import io
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
 
 from dataset import DATASETS, scan
 from evaluator import prepare_for_inference, segment_dataset
 from model import DepthFlow
-from tests.conftest import run_main
+from model.winograd import WinogradConv2d, use_winograd, winograd_available
+from run import main as run_main_cli
+from tests.conftest import assert_one_line_error, run_main
 from utils import bench
+from utils.errors import UserError
+
+needs_nnpack = pytest.mark.skipif(not winograd_available(), reason="this PyTorch build or CPU has no NNPACK")
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +39,10 @@ def _davis_masks(model, toy_root, tmp_path, **options):
     result = segment_dataset(model, DATASETS["davis"], videos, torch.device("cpu"), out_dir=out, workers=0,
                              progress=False, **options)
     return result, {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*.png"))}
+
+
+def _decode(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)))
 
 
 def test_batching_and_workers_give_identical_masks(confident_model, toy_root, tmp_path):
@@ -56,15 +70,92 @@ def test_torch_compile_gives_identical_masks(confident_model, toy_root, tmp_path
     assert masks == plain
 
 
+@pytest.fixture
+def nnpack_calls(monkeypatch):
+    """Count NNPACK calls, and let the Winograd path run on the tests' small maps."""
+    calls = []
+    original = torch._nnpack_spatial_convolution
+
+    def counted(*args):
+        calls.append(tuple(args[0].shape))
+        return original(*args)
+
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", counted)
+    monkeypatch.setattr(WinogradConv2d, "min_pixels", 0)
+    return calls
+
+
+@needs_nnpack
+def test_winograd_conv_matches_direct_convolution(nnpack_calls):
+    conv = nn.Conv2d(64, 96, 3, padding=1)
+    fast = WinogradConv2d.from_conv(conv)
+    assert fast.weight is conv.weight and fast.bias is conv.bias
+    x = torch.randn(3, 64, 20, 24)
+    with torch.inference_mode():
+        got = fast(x)
+        exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    assert nnpack_calls == [(1, 64, 20, 24)] * 3  # one frame at a time
+    assert got.shape == exact.shape and got.dtype == torch.float32
+    error = (got.double() - exact).abs().max() / exact.abs().max()
+    assert 0 < error < 1e-4  # Winograd, not bitwise a direct convolution, but close
+
+
+@needs_nnpack
+def test_winograd_conv_falls_back_where_nnpack_does_not_apply(nnpack_calls, monkeypatch):
+    conv = nn.Conv2d(64, 64, 3, padding=1)
+    fast = WinogradConv2d.from_conv(conv)
+    x = torch.randn(1, 64, 16, 16, requires_grad=True)
+    assert torch.equal(fast(x), conv(x))  # autograd: the usual convolution, so training is unchanged
+    with torch.inference_mode():
+        fast64 = WinogradConv2d.from_conv(nn.Conv2d(64, 64, 3, padding=1).double())
+        assert torch.equal(fast64(x.double()), F.conv2d(x.double(), fast64.weight, fast64.bias, padding=1))
+        monkeypatch.setattr(WinogradConv2d, "min_pixels", 17 * 17)
+        assert torch.equal(fast(x), conv(x))
+    assert nnpack_calls == []
+    for not_eligible in (nn.Conv2d(64, 64, 3, padding=1, stride=2), nn.Conv2d(64, 64, 3, padding=1, groups=64),
+                         nn.Conv2d(64, 2, 3, padding=1), nn.Conv2d(64, 64, 1)):
+        with pytest.raises(ValueError, match="not a 3x3"):
+            WinogradConv2d.from_conv(not_eligible)
+
+
+@needs_nnpack
+def test_winograd_model_keeps_its_weights_and_nearly_its_masks(confident_model, toy_root, tmp_path, nnpack_calls):
+    _, plain = _davis_masks(confident_model, toy_root, tmp_path / "a")
+    fast = DepthFlow("mitb0", size=64)
+    fast.load_state_dict(confident_model.state_dict())
+    assert use_winograd(fast) == 8  # blend1-4 and cbam1-4.conv1; not the predictor nor CBAM's spatial gate
+    assert fast.state_dict().keys() == confident_model.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), confident_model.state_dict().values()))
+    fast = prepare_for_inference(fast, torch.device("cpu"))
+    image, flow = torch.rand(2, 3, 48, 80), torch.rand(2, 3, 48, 80)
+    with torch.inference_mode():
+        want, got = confident_model(image, flow), fast(image, flow)
+    assert len(nnpack_calls) == 16 and 0 < (got - want).abs().max() < 1e-4 * want.abs().max()
+    _, masks = _davis_masks(fast, toy_root, tmp_path / "b")
+    assert masks.keys() == plain.keys()
+    ious = [bench.mask_iou(_decode(masks[k]), _decode(plain[k])) for k in plain]
+    assert np.mean(ious) > 0.999 and any(_decode(m).any() for m in plain.values())
+
+
+def test_winograd_is_refused_where_it_cannot_apply(capsys):
+    with pytest.raises(UserError, match="--winograd is for CPU inference"):
+        prepare_for_inference(DepthFlow("mitb0", size=64), torch.device("cuda"), winograd=True)
+    code, _, err = run_main(run_main_cli, "--train", "--winograd", capsys=capsys)
+    assert_one_line_error(code, err, "--winograd is an inference option")
+
+
 def test_benchmark_quick_mode(tmp_path, capsys):
     code, out, err = run_main(bench.main, "--quick", "--device", "cpu", "--out", tmp_path, "--workers", "0",
                               capsys=capsys)
     assert code == 0, err
     report = json.loads((tmp_path / "bench.json").read_text())
     variants = {(r["variant"], r["batch"]) for r in report["forward"]}
-    assert variants == {("float32", 1), ("float32", 2), ("channels_last", 1), ("channels_last", 2)}
+    names = ["float32", "channels_last"] + (["winograd", "winograd + channels_last"] if winograd_available() else [])
+    assert variants == {(name, b) for name in names for b in (1, 2)}
     assert all(r["frames_per_s"] > 0 and r["mask_iou_vs_fp32"] == 1.0 for r in report["forward"])
     assert report["per_backbone"]["mitb0"]["gflops_per_frame"] > 0
     e2e = report["end_to_end"]
-    assert e2e["frames"] == 24 and e2e["pixel_agreement"] > 0.999
-    assert "| mitb0 | float32 | 1 |" in (tmp_path / "bench.md").read_text()
+    assert e2e["frames"] == 24 and [r["variant"] for r in e2e["ours"]] == names[:1] + names[2:3]
+    assert all(r["pixel_agreement"] > 0.999 and r["mask_iou"] > 0.99 for r in e2e["ours"])
+    table = (tmp_path / "bench.md").read_text()
+    assert "| mitb0 | float32 | 1 |" in table and "| ours, float32 |" in table

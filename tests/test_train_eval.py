@@ -13,6 +13,7 @@ import run
 from dataset import DATASETS, scan
 from model import DepthFlow
 from model.checkpoints import read_project_checkpoint, save_project_checkpoint
+from model.winograd import WinogradConv2d, winograd_available
 from tests.conftest import ROOT, assert_one_line_error, run_cli, run_main
 from trainer import StopFlag, train
 from utils.errors import UserError
@@ -71,6 +72,28 @@ def test_test_command_writes_masks_tables_and_json(trained, toy_root, tmp_path, 
         saved = evaluator.score_saved(DATASETS[name], videos, out / folder, workers=2)
         for key, value in saved["metrics"].items():
             assert value == pytest.approx(results[name]["metrics"][key], abs=1e-12)
+
+
+@pytest.mark.skipif(not winograd_available(), reason="this PyTorch build or CPU has no NNPACK")
+def test_test_command_fast_paths_nearly_keep_the_masks(trained, toy_root, tmp_path, capsys, monkeypatch):
+    calls = []
+    original = torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(WinogradConv2d, "min_pixels", 0)  # the toy model's maps are small
+    common = ["--test", "--checkpoint", trained / "best.pth", "--data-root", toy_root, "--datasets", "davis",
+              "--workers", "0"]
+    assert run_main(run.main, *common, "--output", tmp_path / "plain", capsys=capsys)[0] == 0
+    assert not calls
+    code, _, err = run_main(run.main, *common, "--output", tmp_path / "fast", "--winograd", "--channels-last",
+                            "--batch-size", "3", capsys=capsys)
+    assert code == 0, err
+    assert len(calls) == 16 * 8  # every frame through the 8 wide 3x3 convolutions
+    plain = json.loads((tmp_path / "plain/results.json").read_text())["davis"]["metrics"]
+    fast = json.loads((tmp_path / "fast/results.json").read_text())["davis"]["metrics"]
+    assert fast["J&F-Mean"] == pytest.approx(plain["J&F-Mean"], abs=0.01)
+    pairs = [(np.asarray(Image.open(p)), np.asarray(Image.open(tmp_path / "fast" / p.relative_to(tmp_path / "plain"))))
+             for p in sorted((tmp_path / "plain").rglob("*.png"))]
+    assert len(pairs) == 16 and np.mean([np.mean(a == b) for a, b in pairs]) > 0.999
 
 
 def test_scoring_ground_truth_gives_perfect_scores(toy_root, tmp_path, capsys):

@@ -14,7 +14,10 @@ Measures, on the chosen device:
 --quick shrinks everything (MiT-B0, 64x64, few iterations) for the test suite.
 """
 
+import contextlib
+import copy
 import json
+import os
 import platform
 import resource
 import shutil
@@ -26,10 +29,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from evaluator import prepare_for_inference
 from model import DepthFlow
+from model.winograd import winograd_available
 from utils.distributed import resolve_device
 from utils.errors import ArgumentParser, cli_entry
 from utils.io import write_text_atomic
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def _sync(device):
@@ -49,10 +62,11 @@ def timed(fn, device, warmup: int, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.bool(), b.bool()
-    union = (a | b).sum().item()
-    return 1.0 if union == 0 else (a & b).sum().item() / union
+def mask_iou(a, b) -> float:
+    """IoU of two object masks (CPU tensors or arrays, nonzero = object); 1 when both are empty."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    union = np.count_nonzero(a | b)
+    return 1.0 if union == 0 else np.count_nonzero(a & b) / union
 
 
 def forward_flops(model: DepthFlow, device) -> float:
@@ -68,6 +82,9 @@ def forward_flops(model: DepthFlow, device) -> float:
 def variants(device, compile_model: bool):
     yield "float32", {}
     yield "channels_last", {"channels_last": True}
+    if device.type == "cpu" and winograd_available():
+        yield "winograd", {"winograd": True}
+        yield "winograd + channels_last", {"winograd": True, "channels_last": True}
     if device.type == "cuda":
         yield "bf16 autocast", {"amp": torch.bfloat16}
         yield "fp16 autocast", {"amp": torch.float16}
@@ -80,7 +97,7 @@ def variants(device, compile_model: bool):
 
 def bench_forward(backbone, size, batch_sizes, device, compile_model, warmup, iters, state=None):
     rows = []
-    base = DepthFlow(backbone, size=size).to(device).eval()
+    base = DepthFlow(backbone, size=size)
     if state is not None:
         base.load_state_dict(state)
     gen = torch.Generator().manual_seed(0)
@@ -88,9 +105,8 @@ def bench_forward(backbone, size, batch_sizes, device, compile_model, warmup, it
                   torch.rand(b, 3, 480, 854, generator=gen).to(device)) for b in batch_sizes}
     reference = {}
     for name, opts in variants(device, compile_model):
-        model = base.to(memory_format=torch.channels_last) if opts.get("channels_last") else base.to(
-            memory_format=torch.contiguous_format)
-        run = torch.compile(model, dynamic=False) if opts.get("compile") else model
+        run = prepare_for_inference(copy.deepcopy(base), device, channels_last=opts.get("channels_last", False),
+                                    compile_model=opts.get("compile", False), winograd=opts.get("winograd", False))
         for b in batch_sizes:
             image, flow = frames[b]
             if opts.get("channels_last"):
@@ -104,14 +120,14 @@ def bench_forward(backbone, size, batch_sizes, device, compile_model, warmup, it
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             seconds = timed(step, device, warmup, iters)
-            masks = step()
+            masks = step().cpu()
             reference.setdefault(b, masks)
             row = {"backbone": backbone, "variant": name, "batch": b, "frames_per_s": b / seconds,
                    "mask_iou_vs_fp32": mask_iou(masks, reference[b])}
             if device.type == "cuda":
                 row["peak_device_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
             rows.append(row)
-    return rows, forward_flops(base.to(memory_format=torch.contiguous_format), device)
+    return rows, forward_flops(base.to(device), device)
 
 
 def bench_train_step(backbone, size, batch, device, amp, warmup, iters):
@@ -131,8 +147,17 @@ def bench_train_step(backbone, size, batch, device, amp, warmup, iters):
     return timed(step, device, warmup, iters)
 
 
+def end_to_end_variants(device):
+    yield "float32", {}
+    if device.type == "cpu" and winograd_available():
+        yield "winograd", {"winograd": True}
+    if device.type == "cuda":
+        yield "bf16 autocast", {"amp": "bf16"}
+
+
 def bench_end_to_end(device, size, quick, workers, backbone="mitb0", frames=None, batch_size=8):
-    """Our streaming --test loop vs a reference-style loop, same weights, same toy videos."""
+    """Our streaming --test loop (plain, and with each fast path) vs a reference-style loop, same weights,
+    same toy videos."""
     from dataset import DATASETS, scan
     from evaluator import segment_dataset
     from model.checkpoints import released_to_model
@@ -147,25 +172,31 @@ def bench_end_to_end(device, size, quick, workers, backbone="mitb0", frames=None
         frames = frames or (12 if quick else 60)
         generate(root / "toy", seed=0, size=(240, 427), videos=2, frames=frames, datasets=("davis",))
         videos = scan(DATASETS["davis"], root / "toy/DAVIS")
+        n = sum(len(v.frames) for v in videos)
         reference = random_reference(backbone, size=size).to(device).eval()
         state, _ = released_to_model(reference.state_dict())
-        ours = DepthFlow(backbone, size=size)
-        ours.load_state_dict(state)
-        ours.to(device)
-        t0 = time.perf_counter()
-        result = segment_dataset(ours, DATASETS["davis"], videos, device, out_dir=root / "ours",
-                                 batch_size=batch_size, workers=workers, progress=False)
-        ours_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         ref_masks, ref_forward_s = reference_style_loop(reference, videos, root / "reference", device)
         ref_s = time.perf_counter() - t0
-        ours_masks = [np.asarray(Image.open(p)) for v in videos for p in sorted((root / "ours" / v.key).glob("*.png"))]
-        agreement = float(np.mean([np.mean(a == b) for a, b in zip(ours_masks, ref_masks)]))
-        n = sum(len(v.frames) for v in videos)
-        return {"backbone": backbone, "frames": n, "ours_frames_per_s": n / ours_s, "reference_frames_per_s": n / ref_s,
-                "speedup": ref_s / ours_s, "forward_fps_ours": result["speed"]["forward_fps"],
-                "forward_fps_reference": n / ref_forward_s,
-                "forward_speedup": result["speed"]["forward_fps"] * ref_forward_s / n, "pixel_agreement": agreement}
+        report = {"backbone": backbone, "frames": n, "reference_frames_per_s": n / ref_s,
+                  "forward_fps_reference": n / ref_forward_s, "ours": []}
+        for name, opts in end_to_end_variants(device):
+            ours = DepthFlow(backbone, size=size)
+            ours.load_state_dict(state)
+            ours = prepare_for_inference(ours, device, winograd=opts.get("winograd", False))
+            out = root / name
+            t0 = time.perf_counter()
+            result = segment_dataset(ours, DATASETS["davis"], videos, device, out_dir=out, batch_size=batch_size,
+                                     workers=workers, amp=opts.get("amp", "off"), progress=False)
+            ours_s = time.perf_counter() - t0
+            masks = [np.asarray(Image.open(p)) for v in videos for p in sorted((out / v.key).glob("*.png"))]
+            report["ours"].append({
+                "variant": name, "frames_per_s": n / ours_s, "speedup": ref_s / ours_s,
+                "forward_fps": result["speed"]["forward_fps"],
+                "forward_speedup": result["speed"]["forward_fps"] * ref_forward_s / n,
+                "pixel_agreement": float(np.mean([np.mean(a == b) for a, b in zip(masks, ref_masks)])),
+                "mask_iou": float(np.mean([mask_iou(a, b) for a, b in zip(masks, ref_masks)]))})
+        return report
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -201,20 +232,25 @@ def markdown(report: dict) -> str:
              "|---|---|---|---|---|---|"]
     for r in report["forward"]:
         mem = f"{r['peak_device_mib']:.0f}" if "peak_device_mib" in r else "-"
-        lines.append(f"| {r['backbone']} | {r['variant']} | {r['batch']} | {r['frames_per_s']:.1f} | "
-                     f"{r['mask_iou_vs_fp32']:.4f} | {mem} |")
+        lines.append(f"| {r['backbone']} | {r['variant']} | {r['batch']} | {r['frames_per_s']:.2f} | "
+                     f"{r['mask_iou_vs_fp32']:.6f} | {mem} |")
     lines += ["", f"| backbone | GFLOPs per frame | training step, batch {report['train_batch']} (s) |",
               "|---|---|---|"]
     for b, info in report["per_backbone"].items():
         lines.append(f"| {b} | {info['gflops_per_frame']:.1f} | {info['train_step_s']:.3f} |")
     e2e = report.get("end_to_end")
     if e2e:
-        lines += ["", f"Against the reference-style loop ({e2e['backbone']}, same weights, {e2e['frames']} toy frames "
-                  f"of 427x240): "
-                  f"forward {e2e['forward_fps_ours']:.1f} vs {e2e['forward_fps_reference']:.1f} frames/s "
-                  f"({e2e['forward_speedup']:.2f}x); end to end {e2e['ours_frames_per_s']:.1f} vs "
-                  f"{e2e['reference_frames_per_s']:.1f} frames/s ({e2e['speedup']:.2f}x); masks agree on "
-                  f"{100 * e2e['pixel_agreement']:.3f}% of pixels."]
+        lines += ["", f"`--test` against the reference-style loop ({e2e['backbone']}, same weights, {e2e['frames']} "
+                  "toy frames of 427x240):", "",
+                  "| loop | forward frames/s | end-to-end frames/s | forward speedup | end-to-end speedup | "
+                  "pixels equal | mask IoU |", "|---|---|---|---|---|---|---|",
+                  f"| reference-style | {e2e['forward_fps_reference']:.2f} | {e2e['reference_frames_per_s']:.2f} | "
+                  "1.00x | 1.00x | - | - |"]
+        for r in e2e["ours"]:
+            lines.append(f"| ours, {r['variant']} | {r['forward_fps']:.2f} | {r['frames_per_s']:.2f} | "
+                         f"{r['forward_speedup']:.2f}x | {r['speedup']:.2f}x | {100 * r['pixel_agreement']:.4f}% | "
+                         f"{r['mask_iou']:.6f} |")
+        lines.append("")
     lines.append(f"Peak host memory of the benchmark process: {report['peak_host_mib']:.0f} MiB.")
     return "\n".join(lines) + "\n"
 
@@ -239,8 +275,8 @@ def main(argv=None):
     backbones = ["mitb0"] if quick else args.backbones.split(",")
     warmup, iters = (1, 2) if quick or device.type == "cpu" else (3, 10)
     report = {"device": device.type, "torch": torch.__version__, "when": time.strftime("%Y-%m-%d"),
-              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-              or platform.machine(), "size": size, "forward": [], "per_backbone": {},
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+              "size": size, "forward": [], "per_backbone": {},
               "train_batch": 4 if device.type == "cuda" else 2}
     for backbone in [] if args.skip_forward else backbones:
         rows, flops = bench_forward(backbone, size, [1, 2 if quick else args.batch], device, args.compile,
