@@ -19,7 +19,7 @@ MIN_CHANNELS = 64
 
 def winograd_available() -> bool:
     """Whether this PyTorch build has NNPACK and the CPU supports it (also initialises NNPACK)."""
-    return torch.backends.nnpack.is_available()
+    return hasattr(torch, "_nnpack_spatial_convolution") and torch.backends.nnpack.is_available()
 
 
 class WinogradConv2d(nn.Conv2d):
