@@ -2,7 +2,7 @@
 
 At 512x512 most of DepthFlow's arithmetic is in the decoder's 256-channel 3x3 convolutions on the stride-4
 and stride-8 maps. oneDNN runs them as direct convolutions, already near a CPU's float32 peak; Winograd's
-algorithm needs about 4x fewer multiplications, and NNPACK's kernels run these layers 1.6-2.9x faster on a
+algorithm needs 4-5x fewer multiplications, and NNPACK's kernels run these layers 1.6-2.9x faster on a
 2-core AVX2 machine. The results are not bitwise those of a direct convolution: outputs move by about 1e-5
 relative (direct float32 itself is about 3e-6 from float64), which flips the odd pixel whose two logits
 are that close (README, 'Speed'). The swap is therefore opt-in (`--winograd`).
