@@ -56,3 +56,20 @@ def toy_copy(toy_root, tmp_path):
     import shutil
 
     return Path(shutil.copytree(toy_root, tmp_path / "toy"))
+
+
+@pytest.fixture
+def nnpack_calls(monkeypatch):
+    """Record the input shape of every NNPACK call, and let the Winograd path run on the tests' small maps."""
+    from model.winograd import WinogradConv2d
+
+    calls = []
+    original = torch._nnpack_spatial_convolution
+
+    def counted(*args):
+        calls.append(tuple(args[0].shape))
+        return original(*args)
+
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", counted)
+    monkeypatch.setattr(WinogradConv2d, "min_pixels", 0)
+    return calls

@@ -19,6 +19,7 @@ from run import main as run_main_cli
 from tests.conftest import assert_one_line_error, run_main
 from utils import bench
 from utils.errors import UserError
+from utils.metrics import jaccard
 
 needs_nnpack = pytest.mark.skipif(not winograd_available(), reason="this PyTorch build or CPU has no NNPACK")
 
@@ -70,21 +71,6 @@ def test_torch_compile_gives_identical_masks(confident_model, toy_root, tmp_path
     assert masks == plain
 
 
-@pytest.fixture
-def nnpack_calls(monkeypatch):
-    """Count NNPACK calls, and let the Winograd path run on the tests' small maps."""
-    calls = []
-    original = torch._nnpack_spatial_convolution
-
-    def counted(*args):
-        calls.append(tuple(args[0].shape))
-        return original(*args)
-
-    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", counted)
-    monkeypatch.setattr(WinogradConv2d, "min_pixels", 0)
-    return calls
-
-
 @needs_nnpack
 def test_winograd_conv_matches_direct_convolution(nnpack_calls):
     conv = nn.Conv2d(64, 96, 3, padding=1)
@@ -133,7 +119,7 @@ def test_winograd_model_keeps_its_weights_and_nearly_its_masks(confident_model, 
     assert len(nnpack_calls) == 16 and 0 < (got - want).abs().max() < 1e-4 * want.abs().max()
     _, masks = _davis_masks(fast, toy_root, tmp_path / "b")
     assert masks.keys() == plain.keys()
-    ious = [bench.mask_iou(_decode(masks[k]), _decode(plain[k])) for k in plain]
+    ious = [jaccard(_decode(masks[k]), _decode(plain[k])) for k in plain]
     assert np.mean(ious) > 0.999 and any(_decode(m).any() for m in plain.values())
 
 

@@ -13,7 +13,7 @@ import run
 from dataset import DATASETS, scan
 from model import DepthFlow
 from model.checkpoints import read_project_checkpoint, save_project_checkpoint
-from model.winograd import WinogradConv2d, winograd_available
+from model.winograd import winograd_available
 from tests.conftest import ROOT, assert_one_line_error, run_cli, run_main
 from trainer import StopFlag, train
 from utils.errors import UserError
@@ -75,11 +75,8 @@ def test_test_command_writes_masks_tables_and_json(trained, toy_root, tmp_path, 
 
 
 @pytest.mark.skipif(not winograd_available(), reason="this PyTorch build or CPU has no NNPACK")
-def test_test_command_fast_paths_nearly_keep_the_masks(trained, toy_root, tmp_path, capsys, monkeypatch):
-    calls = []
-    original = torch._nnpack_spatial_convolution
-    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *a: calls.append(1) or original(*a))
-    monkeypatch.setattr(WinogradConv2d, "min_pixels", 0)  # the toy model's maps are small
+def test_test_command_fast_paths_nearly_keep_the_masks(trained, toy_root, tmp_path, capsys, nnpack_calls):
+    calls = nnpack_calls
     common = ["--test", "--checkpoint", trained / "best.pth", "--data-root", toy_root, "--datasets", "davis",
               "--workers", "0"]
     assert run_main(run.main, *common, "--output", tmp_path / "plain", capsys=capsys)[0] == 0

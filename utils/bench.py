@@ -35,6 +35,7 @@ from model.winograd import winograd_available
 from utils.distributed import resolve_device
 from utils.errors import ArgumentParser, cli_entry
 from utils.io import write_text_atomic
+from utils.metrics import jaccard
 
 
 def cpu_name() -> str:
@@ -60,13 +61,6 @@ def timed(fn, device, warmup: int, iters: int) -> float:
         fn()
     _sync(device)
     return (time.perf_counter() - start) / iters
-
-
-def mask_iou(a, b) -> float:
-    """IoU of two object masks (CPU tensors or arrays, nonzero = object); 1 when both are empty."""
-    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
-    union = np.count_nonzero(a | b)
-    return 1.0 if union == 0 else np.count_nonzero(a & b) / union
 
 
 def forward_flops(model: DepthFlow, device) -> float:
@@ -120,10 +114,10 @@ def bench_forward(backbone, size, batch_sizes, device, compile_model, warmup, it
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             seconds = timed(step, device, warmup, iters)
-            masks = step().cpu()
+            masks = step().cpu().numpy()
             reference.setdefault(b, masks)
             row = {"backbone": backbone, "variant": name, "batch": b, "frames_per_s": b / seconds,
-                   "mask_iou_vs_fp32": mask_iou(masks, reference[b])}
+                   "mask_iou_vs_fp32": jaccard(masks, reference[b])}
             if device.type == "cuda":
                 row["peak_device_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
             rows.append(row)
@@ -195,7 +189,7 @@ def bench_end_to_end(device, size, quick, workers, backbone="mitb0", frames=None
                 "forward_fps": result["speed"]["forward_fps"],
                 "forward_speedup": result["speed"]["forward_fps"] * ref_forward_s / n,
                 "pixel_agreement": float(np.mean([np.mean(a == b) for a, b in zip(masks, ref_masks)])),
-                "mask_iou": float(np.mean([mask_iou(a, b) for a, b in zip(masks, ref_masks)]))})
+                "mask_iou": float(np.mean([jaccard(a, b) for a, b in zip(masks, ref_masks)]))})
         return report
     finally:
         shutil.rmtree(root, ignore_errors=True)
