@@ -6,6 +6,7 @@ Test videos stream frame by frame (VideoFrames); training draws a fixed number o
 epoch (TrainingFrames).
 """
 
+import multiprocessing
 import os
 import random
 from dataclasses import dataclass, field
@@ -15,10 +16,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from transforms import TrainTransform, to_tensor
+from transforms import TrainTransform, to_uint8_tensor
 from utils.errors import UserError
 from utils.io import read_image
 from utils.palette import binarise, read_label_image
+
+DEFAULT_DATA_ROOT = "../DB/VOS"
 
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
 MASK_EXTENSIONS = (".png",)
@@ -31,6 +34,7 @@ class DatasetSpec:
 
     name: str  # command-line name
     title: str
+    role: str  # "train": a training source; "test": scored by --test (DAVIS 2016 val also picks best.pth)
     folder: str  # default sub-folder of --data-root
     images: str  # folder holding one sub-folder per video (or the image files, if flat)
     flows: str
@@ -41,7 +45,7 @@ class DatasetSpec:
     flat: bool = False  # one still image per "video" (DUTSv2)
     all_annotated: bool = True  # every frame has a mask
     output: str = ""  # folder of saved masks under --output
-    metric: str | None = None  # "davis" (J and F, toolkit statistics) or "j" (J on annotated frames)
+    metric: str = "j"  # "davis" (J and F, toolkit statistics) or "j" (J on annotated frames with an object)
     mask_resize: str = "nearest"  # training resize rule (transforms.MASK_RESIZE)
 
     def layout(self) -> str:
@@ -54,6 +58,7 @@ class DatasetSpec:
 def _davis(split):
     return DatasetSpec(
         name="davis" if split == "val" else "davis_train", title=f"DAVIS 2016 {split}", folder="DAVIS",
+        role="test" if split == "val" else "train",
         images="JPEGImages/480p", flows="JPEGFlows/480p", masks="Annotations/480p", mask_rule="nonzero",
         video_list=f"ImageSets/2016/{split}.txt", output=f"DAVIS16_{split}", metric="davis")
 
@@ -62,23 +67,28 @@ DATASETS = {
     "davis": _davis("val"),
     "davis_train": _davis("train"),
     "fbms": DatasetSpec(
-        name="fbms", title="FBMS test", folder="FBMS", images="TestSet/JPEGImages", flows="TestSet/JPEGFlows",
-        masks="TestSet/Annotations", mask_rule="grey", all_annotated=False, output="FBMS_test", metric="j"),
+        name="fbms", title="FBMS test", role="test", folder="FBMS", images="TestSet/JPEGImages",
+        flows="TestSet/JPEGFlows", masks="TestSet/Annotations", mask_rule="grey", all_annotated=False,
+        output="FBMS_test"),
     "ytobj": DatasetSpec(
-        name="ytobj", title="YouTube-Objects", folder="YTOBJ", images="JPEGImages", flows="JPEGFlows",
-        masks="Annotations", mask_rule="grey", grouped=True, all_annotated=False, output="YTOBJ", metric="j"),
+        name="ytobj", title="YouTube-Objects", role="test", folder="YTOBJ", images="JPEGImages",
+        flows="JPEGFlows", masks="Annotations", mask_rule="grey", grouped=True, all_annotated=False,
+        output="YTOBJ"),
     "lvid": DatasetSpec(
-        name="lvid", title="Long-Videos", folder="LVID", images="JPEGImages", flows="JPEGFlows",
-        masks="Annotations", mask_rule="nonzero", all_annotated=False, output="LVID", metric="j"),
+        name="lvid", title="Long-Videos", role="test", folder="LVID", images="JPEGImages", flows="JPEGFlows",
+        masks="Annotations", mask_rule="nonzero", all_annotated=False, output="LVID"),
     "ytvos": DatasetSpec(
-        name="ytvos", title="YouTube-VOS 2018 train", folder="YTVOS18", images="train/JPEGImages",
+        name="ytvos", title="YouTube-VOS 2018 train", role="train", folder="YTVOS18", images="train/JPEGImages",
         flows="train/JPEGFlows", masks="train/Annotations", mask_rule="nonzero", video_list="ImageSets/train.txt",
         all_annotated=False),
     "duts": DatasetSpec(
-        name="duts", title="DUTSv2", folder="DUTSv2", images="JPEGImages", flows="JPEGFlows", masks="Annotations",
-        mask_rule="grey", flat=True, mask_resize="bicubic"),
+        name="duts", title="DUTSv2", role="train", folder="DUTSv2", images="JPEGImages", flows="JPEGFlows",
+        masks="Annotations", mask_rule="grey", flat=True, mask_resize="bicubic"),
 }
-TEST_DATASETS = ("davis", "fbms", "ytobj", "lvid")
+TEST_DATASETS = tuple(n for n, spec in DATASETS.items() if spec.role == "test")
+TRAINING_DATASETS = tuple(n for n, spec in DATASETS.items() if spec.role == "train")
+VALIDATION_DATASET = "davis"  # scored during training to keep best.pth; the paper's main table
+VIDEO_DATASETS = tuple(n for n, spec in DATASETS.items() if not spec.flat)
 
 
 @dataclass(frozen=True)
@@ -193,37 +203,49 @@ def scan(spec: DatasetSpec, root) -> list[Video]:
 
 
 class VideoFrames(Dataset):
-    """All frames of a list of videos, one item per frame, for streaming evaluation.
+    """All frames of a list of videos, one item per frame, for streaming inference.
 
     Pair with `video_batches` so that a batch never spans two videos. Items hold the image and flow as
-    3xHxW float tensors in [0, 1], the 0/1 mask (zeros where not annotated), and where the frame comes from.
+    3xHxW uint8 tensors (the device turns them into floats) and where the frame comes from; ground truth
+    is read by whoever scores the masks. With loader processes, each one notes which frame it is decoding,
+    so a process that dies can be reported by the frame that killed it.
     """
 
-    def __init__(self, videos: list[Video], mask_rule: str):
-        self.mask_rule = mask_rule
+    def __init__(self, videos: list[Video], workers: int = 0):
         self.index = [(v, f) for v, video in enumerate(videos) for f in range(len(video.frames))]
         self.videos = videos
+        self._decoding = multiprocessing.Array("q", 2 * workers, lock=False) if workers else None
 
     def __len__(self):
         return len(self.index)
 
-    def __getitem__(self, i):
+    def frame(self, i) -> Frame:
         v, f = self.index[i]
-        frame = self.videos[v].frames[f]
+        return self.videos[v].frames[f]
+
+    def decoding(self, pids: list[int]) -> str | None:
+        """The frame a loader process with one of these process ids was decoding, if known."""
+        slots = self._decoding or []
+        for k in range(0, len(slots), 2):
+            if slots[k] in pids:
+                return str(self.frame(slots[k + 1]).image)
+        return None
+
+    def _note(self, i) -> None:
+        info = torch.utils.data.get_worker_info()
+        if info is not None and self._decoding is not None:
+            self._decoding[2 * info.id], self._decoding[2 * info.id + 1] = os.getpid(), i
+
+    def __getitem__(self, i):
+        self._note(i)
+        frame = self.frame(i)
         image = read_image(frame.image, "RGB")
         flow = read_image(frame.flow, "RGB")
         if flow.size != image.size:
             raise UserError(f"flow {frame.flow} is {flow.size[0]}x{flow.size[1]}, its frame {frame.image} "
                             f"is {image.size[0]}x{image.size[1]} (expected equal sizes)")
-        if frame.mask is not None:
-            mask = binarise(read_label_image(frame.mask), self.mask_rule)
-            if mask.shape != (image.height, image.width):
-                raise UserError(f"mask {frame.mask} is {mask.shape[1]}x{mask.shape[0]}, its frame is "
-                                f"{image.width}x{image.height} (expected equal sizes)")
-        else:
-            mask = np.zeros((image.height, image.width), np.uint8)
-        return {"image": to_tensor(image), "flow": to_tensor(flow), "mask": torch.from_numpy(mask),
-                "annotated": frame.mask is not None, "video": v, "frame": f}
+        return {"image": to_uint8_tensor(image), "flow": to_uint8_tensor(flow), "video": self.index[i][0],
+                "frame": self.index[i][1]}
 
 
 def video_batches(videos: list[Video], batch_size: int) -> list[list[int]]:

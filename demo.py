@@ -77,9 +77,9 @@ def check_sizes(frames: list[Path]) -> tuple[int, int]:
     return h, w
 
 
-def to_uint8(frame) -> np.ndarray:
-    """The loader's 3xHxW [0, 1] tensor back to the HxWx3 uint8 image it was decoded from (exact)."""
-    return frame.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+def hwc(frame: torch.Tensor) -> np.ndarray:
+    """The loader's 3xHxW uint8 tensor as the HxWx3 image it was decoded from."""
+    return frame.permute(1, 2, 0).numpy()
 
 
 def overlay(rgb: np.ndarray, mask: np.ndarray, flow_rgb: np.ndarray) -> np.ndarray:
@@ -97,18 +97,17 @@ def contact_sheet(tiles: list[np.ndarray], columns: int = 4) -> np.ndarray:
 
 
 def run_demo(args) -> Path:
-    from evaluator import prepare_for_inference, stream_predictions
     from flow_synthesis.video_flow import make_flow_backend, video_flows
+    from inference import InferenceOptions, Segmenter
     from model.checkpoints import load_depthflow
-    from utils.distributed import resolve_device
+    from utils.device import resolve_device
 
     if not args.checkpoint:
         raise UserError("--demo needs --checkpoint FILE (a released DepthFlow_mitb*.pth or a --train output)")
     source = Path(args.demo)
     device = resolve_device(args.device)
-    model = prepare_for_inference(load_depthflow(args.checkpoint, backbone=args.backbone, size=args.size), device,
-                                  channels_last=args.channels_last, compile_model=args.compile,
-                                  winograd=args.winograd)
+    segmenter = Segmenter(load_depthflow(args.checkpoint, backbone=args.backbone, size=args.size),
+                          InferenceOptions.from_args(args, device))
     out = Path(args.output) if args.output else Path("demo_out") / source.resolve().name
     frames = input_frames(source, out)
     height, width = check_sizes(frames)
@@ -123,15 +122,15 @@ def run_demo(args) -> Path:
     # OpenCV picks the container from the extension, so the partial file keeps .mp4; one rename finishes it.
     partial = out / "overlay.partial.mp4"
     writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), DEMO_FPS, (2 * width, height))
-    for pred in stream_predictions(model, [video], "nonzero", device, batch_size=args.batch_size,
-                                   workers=args.workers, amp=args.amp, channels_last=args.channels_last):
-        index, mask = pred.index, pred.mask
-        save_palette_mask(mask, out / "masks" / f"{video.frames[index].stem}.png")
-        composed = overlay(to_uint8(pred.image), mask, to_uint8(pred.flow))
-        writer.write(np.ascontiguousarray(composed[..., ::-1]))
-        if index in wanted:
-            scale = min(1.0, SHEET_TILE_WIDTH / composed.shape[1])
-            tiles.append(cv2.resize(composed, (round(composed.shape[1] * scale), round(composed.shape[0] * scale))))
+    for batch in segmenter.batches([video]):
+        for index, mask, image, flow in zip(batch.frames, batch.masks(), batch.images, batch.flows):
+            save_palette_mask(mask, out / "masks" / f"{video.frames[index].stem}.png")
+            composed = overlay(hwc(image), mask, hwc(flow))
+            writer.write(np.ascontiguousarray(composed[..., ::-1]))
+            if index in wanted:
+                scale = min(1.0, SHEET_TILE_WIDTH / composed.shape[1])
+                tiles.append(cv2.resize(composed, (round(composed.shape[1] * scale),
+                                                   round(composed.shape[0] * scale))))
     writer.release()
     partial.replace(out / "overlay.mp4")
     save_image_atomic(Image.fromarray(contact_sheet(tiles)), out / "contact_sheet.png")

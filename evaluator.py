@@ -1,36 +1,32 @@
 """Evaluation: segment test videos and score them, or score a folder of saved masks.
 
 One loop serves every dataset; what differs between datasets is data (dataset.DATASETS). Frames stream
-through the model in batches that never span two videos; PNG writing and scoring run in a thread pool off
-the main loop, with a bounded queue, so host memory does not grow with video length.
+through the network (inference.Segmenter) in batches that never span two videos; PNG writing and scoring
+run in helper processes with a bounded backlog, so the device stays busy and host memory does not grow
+with video length. Under torchrun, videos are shared out over the processes.
 
 Scoring saved masks needs no model:
     python evaluator.py --dataset davis --data-root ../DB/VOS --results outputs/DAVIS16_val [--json FILE]
 """
 
 import argparse
-import contextlib
 import json
-import multiprocessing
 import time
 from collections import defaultdict, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from dataset import DATASETS, DatasetSpec, Video, VideoFrames, dataset_root, scan, video_batches
-from model.winograd import use_winograd, winograd_available
+from dataset import DATASETS, DEFAULT_DATA_ROOT, TEST_DATASETS, DatasetSpec, Frame, Video, dataset_root, scan
+from inference import InferenceOptions, Segmenter, helper_pool_context, masks_from_output, single_threaded
+from utils import distributed
+from utils.device import default_workers
 from utils.errors import ArgumentParser, UserError, cli_entry
-from utils.io import write_text_atomic
+from utils.io import check_writable, write_text_atomic
 from utils.metrics import FrameScore, davis_summary, j_summary, score_frame
 from utils.palette import read_mask, save_palette_mask
-
-DEFAULT_DATA_ROOT = "../DB/VOS"
 
 
 def summarise(spec: DatasetSpec, videos: list[Video], scores: dict[str, list[FrameScore]]) -> dict:
@@ -47,111 +43,89 @@ def scored_frames(spec: DatasetSpec, video: Video) -> list[int]:
     return [i for i, f in enumerate(video.frames) if f.mask is not None]
 
 
-def _finish_frame(mask: np.ndarray, gt: np.ndarray | None, out_path: Path | None, index: int, boundary: bool):
-    if out_path is not None:
-        save_palette_mask(mask, out_path)
-    return score_frame(index, mask, gt, boundary)
+def finish_batch(output: np.ndarray, size: tuple[int, int], frames: list[Frame], indices: list[int],
+                 out_paths: list[Path] | None, mask_rule: str, boundary: bool) -> list[FrameScore]:
+    """Masks of one batch (inference.Batch.output) to PNGs and scores; runs in a helper process."""
+    masks = masks_from_output(output, size)
+    scores = []
+    for k, (mask, frame, index) in enumerate(zip(masks, frames, indices)):
+        if out_paths is not None:
+            save_palette_mask(mask, out_paths[k])
+        gt = read_mask(frame.mask, mask_rule) if frame.mask is not None else None
+        if gt is not None and gt.shape != mask.shape:
+            raise UserError(f"mask {frame.mask} is {gt.shape[1]}x{gt.shape[0]}, its frame {frame.image} is "
+                            f"{mask.shape[1]}x{mask.shape[0]} (expected equal sizes)")
+        scores.append(score_frame(index, mask, gt, boundary))
+    return scores
 
 
-def autocast_context(device: torch.device, amp: str):
-    if amp == "off" or device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+class _Finisher:
+    """Runs finish_batch in helper processes (in-process without workers), keeping a bounded backlog."""
+
+    def __init__(self, processes: int):
+        self.pool = ProcessPoolExecutor(processes, mp_context=helper_pool_context(),
+                                        initializer=single_threaded) if processes else None
+        self.backlog = 2 * processes
+        self.pending: deque = deque()
+
+    def submit(self, key: str, where: str, *job) -> list[tuple[str, list[FrameScore]]]:
+        """Queue a job; return the (key, scores) of jobs that had to finish to keep the backlog bounded."""
+        if self.pool is None:
+            return [(key, finish_batch(*job))]
+        self.pending.append((key, where, self.pool.submit(finish_batch, *job)))
+        done = []
+        while len(self.pending) > self.backlog:
+            done.append(self._result(*self.pending.popleft()))
+        return done
+
+    def drain(self) -> list[tuple[str, list[FrameScore]]]:
+        done = [self._result(*item) for item in self.pending]
+        self.pending.clear()
+        return done
+
+    @staticmethod
+    def _result(key, where, future):
+        try:
+            return key, future.result()
+        except BrokenProcessPool:
+            raise UserError(f"a helper process died while writing or scoring the masks of {where} (or a later "
+                            "batch); if memory ran short, lower --workers") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.shutdown(wait=exc[0] is None, cancel_futures=exc[0] is not None)
 
 
-def prepare_for_inference(model, device: torch.device, *, channels_last: bool = False, compile_model: bool = False,
-                          winograd: bool = False):
-    """Move the model to `device` in eval mode, with the optional fast paths (README, 'Speed')."""
-    if winograd:
-        if device.type != "cpu":
-            raise UserError(f"--winograd is for CPU inference; on {device.type} the convolution library "
-                            "chooses its own algorithms (drop --winograd)")
-        if not winograd_available():
-            raise UserError("--winograd needs NNPACK, which this PyTorch build or this CPU lacks (drop --winograd)")
-        use_winograd(model)
-    model = model.to(device).eval()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed frame sizes within a video: autotuned kernels pay off
-    if compile_model:
-        model = torch.compile(model, dynamic=False)
-    return model
+def segment_dataset(segmenter: Segmenter, spec: DatasetSpec, videos: list[Video], *, out_dir: Path | None,
+                    timing: dict | None = None, progress: bool = True) -> dict[str, list[FrameScore]]:
+    """Segment every frame, write masks under out_dir (if given) and return each video's frame scores.
 
-
-class Prediction(NamedTuple):
-    video: Video
-    index: int  # frame position in the video
-    mask: np.ndarray  # HxW uint8, 1 = object
-    gt: np.ndarray | None  # HxW uint8 ground truth where annotated
-    image: torch.Tensor  # the loader's 3xHxW [0, 1] frame, kept so callers need not decode it again
-    flow: torch.Tensor
-
-
-def stream_predictions(model, videos: list[Video], mask_rule: str, device: torch.device, *, batch_size: int = 8,
-                       workers: int = 2, amp: str = "off", timing: dict | None = None, desc: str = "segmenting",
-                       progress: bool = True, channels_last: bool = False):
-    """Yield a Prediction for every frame, in order.
-
-    Frames are loaded by `workers` processes in batches that never span two videos; only the forward pass
-    runs here. `timing["forward_s"]` accumulates forward time (synchronised on GPU), as the paper's fps.
-    """
-    model.eval()
-    frames = VideoFrames(videos, mask_rule)
-    loader = DataLoader(frames, batch_sampler=video_batches(videos, batch_size), num_workers=workers,
-                        pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)
-    timing = {} if timing is None else timing
-    timing.setdefault("forward_s", 0.0)
-    with tqdm(total=len(frames), unit="frame", desc=desc, disable=None if progress else True, leave=False) as bar:
-        for batch in loader:
-            memory_format = torch.channels_last if channels_last else torch.contiguous_format
-            image = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            flow = batch["flow"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with torch.inference_mode(), autocast_context(device, amp):
-                masks = model(image, flow).argmax(1)  # DepthFlow.predict, also for a torch.compile'd module
-            masks = masks.to(torch.uint8).cpu().numpy()
-            timing["forward_s"] += time.perf_counter() - t0
-            for k, mask in enumerate(masks):
-                gt = batch["mask"][k].numpy() if batch["annotated"][k] else None
-                yield Prediction(videos[int(batch["video"][k])], int(batch["frame"][k]), mask, gt,
-                                 batch["image"][k], batch["flow"][k])
-            bar.update(len(masks))
-
-
-def segment_dataset(model, spec: DatasetSpec, videos: list[Video], device: torch.device, *, out_dir: Path | None,
-                    batch_size: int = 8, workers: int = 2, amp: str = "off", progress: bool = True,
-                    channels_last: bool = False) -> dict:
-    """Segment every frame, write masks under out_dir (if given), and return the metrics and speeds.
-
-    PNG writing and scoring run in a thread pool off the main loop, with a bounded queue, so host memory
-    stays flat however long a video is.
+    Writing and scoring run in `workers` helper processes with a bounded backlog, so the main process
+    keeps the device busy and host memory stays flat however long a video is.
     """
     scores = defaultdict(list)
     boundary = spec.metric == "davis"
-    timing, n_frames, pending = {}, 0, deque()
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        predictions = stream_predictions(model, videos, spec.mask_rule, device, batch_size=batch_size,
-                                         workers=workers, amp=amp, timing=timing, desc=spec.title,
-                                         progress=progress, channels_last=channels_last)
-        for video, index, mask, gt, _, _ in predictions:
-            out = out_dir / video.key / f"{video.frames[index].stem}.png" if out_dir is not None else None
-            pending.append((pool.submit(_finish_frame, mask, gt, out, index, boundary), video.key))
-            n_frames += 1
-            while len(pending) > 4 * batch_size:
-                future, key = pending.popleft()
-                scores[key].append(future.result())
-        for future, key in pending:
-            scores[key].append(future.result())
-    elapsed = time.perf_counter() - start
+    with _Finisher(segmenter.options.workers) as finisher:
+        for batch in segmenter.batches(videos, timing=timing, desc=spec.title, progress=progress):
+            video = batch.video
+            frames = [video.frames[i] for i in batch.frames]
+            outs = [out_dir / video.key / f"{f.stem}.png" for f in frames] if out_dir is not None else None
+            where = f"{video.key} (frames {frames[0].stem} to {frames[-1].stem})"
+            for key, done in finisher.submit(video.key, where, batch.output, tuple(batch.images.shape[-2:]), frames,
+                                             batch.frames, outs, spec.mask_rule, boundary):
+                scores[key] += done
+        for key, done in finisher.drain():
+            scores[key] += done
+    return scores
+
+
+def score_videos(spec: DatasetSpec, videos: list[Video], scores: dict[str, list[FrameScore]]) -> dict:
+    """The dataset's metrics from its frames' scores, over the frames that count."""
     counted = {v.key: set(scored_frames(spec, v)) for v in videos}
-    result = summarise(spec, videos, {k: [s for s in scores[k] if s.index in counted[k]] for k in counted})
-    result["speed"] = {"frames": n_frames, "forward_fps": n_frames / max(timing["forward_s"], 1e-9),
-                       "end_to_end_fps": n_frames / max(elapsed, 1e-9)}
-    return result
+    return summarise(spec, videos, {k: [s for s in scores.get(k, []) if s.index in counted[k]] for k in counted})
 
 
 def _score_saved_video(job):
@@ -178,7 +152,7 @@ def score_saved(spec: DatasetSpec, videos: list[Video], results_dir, workers: in
         raise UserError(f"results folder not found: {results_dir} (expected {results_dir}/<video>/<frame>.png)")
     jobs = [(spec, v, str(results_dir)) for v in videos]
     if workers > 1:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        with helper_pool_context().Pool(workers) as pool:
             scores = dict(pool.map(_score_saved_video, jobs))
     else:
         scores = dict(map(_score_saved_video, jobs))
@@ -195,7 +169,8 @@ def format_table(spec: DatasetSpec, result: dict) -> str:
     if "speed" in result:
         s = result["speed"]
         lines.append(f"{s['frames']} frames; forward {s['forward_fps']:.1f} fps, "
-                     f"end-to-end {s['end_to_end_fps']:.1f} fps")
+                     f"end-to-end {s['end_to_end_fps']:.1f} fps" + (f" ({s['processes']} processes)"
+                                                                    if s["processes"] > 1 else ""))
     return "\n".join(lines)
 
 
@@ -203,61 +178,104 @@ def write_json(results: dict, path) -> None:
     write_text_atomic(json.dumps(results, indent=2, sort_keys=False) + "\n", path)
 
 
-def check_writable(folder) -> Path:
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"cannot write to output folder {folder} ({err.strerror})") from None
-    return folder
-
-
 def scan_datasets(names, data_root, overrides: dict) -> dict[str, list[Video]]:
     """Validate every requested test dataset before any work starts."""
-    testable = [n for n, spec in DATASETS.items() if spec.metric]
-    unknown = [n for n in names if n not in testable]
+    if not names:
+        raise UserError(f"--datasets names no dataset; expected a comma-separated subset of {', '.join(TEST_DATASETS)}")
+    unknown = [n for n in names if n not in TEST_DATASETS]
     if unknown:
-        raise UserError(f"unknown test dataset {unknown[0]!r}; expected one of {', '.join(testable)}")
+        raise UserError(f"unknown test dataset {unknown[0]!r}; expected one of {', '.join(TEST_DATASETS)}")
+    if len(set(names)) != len(names):
+        raise UserError(f"--datasets names a dataset twice: {','.join(names)}")
     return {n: scan(DATASETS[n], dataset_root(DATASETS[n], data_root, overrides.get(n))) for n in names}
 
 
-def evaluate(model, names, data_root, overrides, output, device, *, batch_size=8, workers=2, amp="off",
-             json_path=None, save_masks=True, channels_last=False, compile_model=False, winograd=False) -> dict:
-    """`run.py --test`: every dataset in `names`, masks to output/<dataset folder>/, tables and JSON."""
+def speed(frames: int, forward_s: float, elapsed_s: float, processes: int = 1) -> dict:
+    return {"frames": frames, "forward_fps": frames / max(forward_s, 1e-9),
+            "end_to_end_fps": frames / max(elapsed_s, 1e-9), "processes": processes}
+
+
+def evaluate_dataset(segmenter: Segmenter, spec: DatasetSpec, videos: list[Video], *, out_dir: Path | None = None,
+                 progress: bool = True) -> dict:
+    """Segment and score one dataset in this process: its metrics and speeds."""
+    timing, start = {}, time.perf_counter()
+    scores = segment_dataset(segmenter, spec, videos, out_dir=out_dir, timing=timing, progress=progress)
+    result = score_videos(spec, videos, scores)
+    result["speed"] = speed(sum(len(v.frames) for v in videos), timing["forward_s"], time.perf_counter() - start)
+    return result
+
+
+def _sharded_test(segmenter: Segmenter, spec: DatasetSpec, videos: list[Video], out_dir: Path | None,
+                  ctx: distributed.Context) -> dict | None:
+    """test_dataset with the videos shared out over the torchrun processes; the result on rank 0 only.
+
+    Every video is segmented whole by one process, and rank 0 scores the gathered frame scores in the
+    dataset's own video order, so the tables equal a single process's."""
+    mine = [videos[i] for i in distributed.shard_by_size([len(v.frames) for v in videos], ctx)]
+    timing, start = {}, time.perf_counter()
+    scores = segment_dataset(segmenter, spec, mine, out_dir=out_dir, timing=timing, progress=ctx.is_main)
+    report = (dict(scores), sum(len(v.frames) for v in mine), timing["forward_s"], time.perf_counter() - start)
+    gathered = distributed.gather_to_main(report, ctx)
+    if gathered is None:
+        return None
+    merged = {k: v for part, *_ in gathered for k, v in part.items()}
+    result = score_videos(spec, videos, merged)
+    # The slowest process sets the pace of a sharded run.
+    result["speed"] = speed(sum(g[1] for g in gathered), max(g[2] for g in gathered), max(g[3] for g in gathered),
+                            ctx.world_size)
+    return result
+
+
+def results_path(output: Path, json_path) -> Path:
+    """Where results.json goes, checked before any work (a folder, or a parent that cannot be written, stops)."""
+    path = Path(json_path) if json_path else output / "results.json"
+    if path.is_dir():
+        raise UserError(f"--json {path} is a folder; expected a file name, for example {path / 'results.json'}")
+    check_writable(path.parent)
+    return path
+
+
+def evaluate(model, names: list[str], data_root, overrides: dict, output, options: InferenceOptions, *,
+             json_path=None, save_masks: bool = True, ctx: distributed.Context | None = None) -> dict:
+    """`run.py --test`: every dataset in `names`, masks to output/<dataset folder>/, tables and JSON.
+
+    Under torchrun (`ctx`), videos are shared out over the processes and rank 0 writes the tables. The
+    JSON is rewritten after each dataset, so a stopped run keeps the datasets it finished."""
+    ctx = ctx or distributed.Context(0, 1, options.device)
     output = check_writable(output)
+    json_path = results_path(output, json_path)
     videos = scan_datasets(names, data_root, overrides)
-    model = prepare_for_inference(model, device, channels_last=channels_last, compile_model=compile_model,
-                                  winograd=winograd)
+    segmenter = Segmenter(model, options)
     results = {}
     for name in names:
         spec = DATASETS[name]
         out_dir = output / spec.output if save_masks else None
-        results[name] = segment_dataset(model, spec, videos[name], device, out_dir=out_dir, batch_size=batch_size,
-                                        workers=workers, amp=amp, channels_last=channels_last)
-        print(format_table(spec, results[name]), flush=True)
-    write_json(results, json_path or output / "results.json")
+        result = _sharded_test(segmenter, spec, videos[name], out_dir, ctx)
+        if ctx.is_main:
+            results[name] = result
+            print(format_table(spec, result), flush=True)
+            write_json(results, json_path)
     return results
 
 
 @cli_entry
 def main(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, choices=[n for n in DATASETS if DATASETS[n].metric])
+    parser.add_argument("--dataset", required=True, choices=TEST_DATASETS)
     parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT, help=f"default {DEFAULT_DATA_ROOT}")
     parser.add_argument("--dataset-root", help="this dataset's own folder (default DATA_ROOT/<its folder>)")
     parser.add_argument("--results", required=True, help="folder of masks: RESULTS/<video>/<frame>.png")
     parser.add_argument("--json", help="also write the metrics to this file")
-    parser.add_argument("--workers", type=int, default=max(1, multiprocessing.cpu_count()))
+    parser.add_argument("--workers", type=int, default=default_workers(), help="scoring processes (default: the "
+                                                                             "machine's cores, up to 8)")
     args = parser.parse_args(argv)
     spec = DATASETS[args.dataset]
+    json_path = results_path(Path("."), args.json) if args.json else None
     videos = scan(spec, dataset_root(spec, args.data_root, args.dataset_root))
     result = score_saved(spec, videos, args.results, workers=args.workers)
     print(format_table(spec, result))
-    if args.json:
-        write_json({args.dataset: result}, args.json)
+    if json_path:
+        write_json({args.dataset: result}, json_path)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,24 @@
 """
 
 import argparse
+import math
 import sys
 
-from dataset import DATASETS, TEST_DATASETS
-from evaluator import DEFAULT_DATA_ROOT
+from dataset import DATASETS, DEFAULT_DATA_ROOT, TEST_DATASETS
 from model.mit import BACKBONES
+from utils.device import AMP_MODES, default_workers
 from utils.errors import ArgumentParser, UserError, cli_entry
 
-AMP_MODES = ("off", "bf16", "fp16")
+
+def _root_flags() -> dict[str, str]:
+    """One --<name>-root flag per dataset folder (DAVIS train and val share theirs): folder -> name."""
+    flags = {}
+    for name, spec in DATASETS.items():
+        flags.setdefault(spec.folder, name)
+    return flags
+
+
+ROOT_FLAGS = _root_flags()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,10 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = parser.add_argument_group("data")
     d.add_argument("--data-root", default=DEFAULT_DATA_ROOT,
                    help=f"folder holding DAVIS/, FBMS/, YTOBJ/, LVID/, YTVOS18/, DUTSv2/ (default {DEFAULT_DATA_ROOT})")
-    for name, spec in DATASETS.items():
-        if name != "davis_train":
-            d.add_argument(f"--{name.replace('_', '-')}-root", metavar="DIR",
-                           help=f"the {spec.folder} folder (default DATA_ROOT/{spec.folder})")
+    for folder, name in ROOT_FLAGS.items():
+        d.add_argument(f"--{name}-root", metavar="DIR", help=f"the {folder} folder (default DATA_ROOT/{folder})")
     d.add_argument("--datasets", help=f"--test: comma-separated subset of {','.join(TEST_DATASETS)} (default all); "
                                       "--train: NAME:SAMPLES list, default by --stage "
                                       "(1: ytvos:512, 2: duts:384,davis_train:128)")
@@ -64,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     h = parser.add_argument_group("machine")
     h.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     h.add_argument("--amp", choices=AMP_MODES, default="off", help="mixed precision on GPU (default off)")
-    h.add_argument("--workers", type=int, default=2, help="data-loading processes (default 2)")
+    h.add_argument("--workers", type=int, default=default_workers(),
+                   help=f"data-loading processes, and (--test) as many for writing and scoring masks (default: "
+                        f"the machine's cores, up to 8; here {default_workers()})")
     h.add_argument("--channels-last", action="store_true", help="inference in channels-last memory format")
     h.add_argument("--compile", action="store_true", help="torch.compile the model for inference")
     h.add_argument("--winograd", action="store_true", help="CPU inference: the decoder's wide 3x3 convolutions "
@@ -76,9 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    args.dataset_roots = {name: getattr(args, f"{name.replace('_', '-')}_root".replace("-", "_"))
-                          for name in DATASETS if name != "davis_train"}
-    args.dataset_roots["davis_train"] = args.dataset_roots["davis"]
+    args.dataset_roots = {name: getattr(args, f"{ROOT_FLAGS[spec.folder]}_root") for name, spec in DATASETS.items()}
     if args.output is None and not args.demo:
         args.output = f"runs/stage{args.stage}" if args.train else "outputs"
     if args.size is not None and (args.size < 32 or args.size % 32):
@@ -89,24 +97,38 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError(f"{inference_only[0]} is an inference option (--test, --demo); training does not use it")
     if args.batch_size is None:
         args.batch_size = 16 if args.train else 8
-    if args.batch_size < 1 or args.workers < 0:
-        raise UserError("--batch-size must be at least 1 and --workers at least 0")
+    _check_numbers(args)
     return args
+
+
+def _check_numbers(args) -> None:
+    """Numbers that would silently do something else than asked (a default, nothing, every epoch)."""
+    at_least = {"--batch-size": (args.batch_size, 1), "--workers": (args.workers, 0), "--epochs": (args.epochs, 1),
+                "--checkpoint-every": (args.checkpoint_every, 1), "--save-every": (args.save_every, 0),
+                "--val-every": (args.val_every, 0)}
+    for flag, (value, low) in at_least.items():
+        if value is not None and value < low:
+            raise UserError(f"{flag} {value}: expected an integer of at least {low}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UserError(f"--lr {args.lr}: expected a positive finite learning rate (the recipe uses 1e-5)")
 
 
 def run_test(args) -> None:
     from evaluator import evaluate
+    from inference import InferenceOptions
     from model.checkpoints import load_depthflow
-    from utils.distributed import resolve_device
+    from utils import distributed
 
     if not args.checkpoint:
         raise UserError("--test needs --checkpoint FILE (a released DepthFlow_mitb*.pth or a --train output)")
     names = [n.strip() for n in (args.datasets or ",".join(TEST_DATASETS)).split(",") if n.strip()]
-    device = resolve_device(args.device)
-    model = load_depthflow(args.checkpoint, backbone=args.backbone, size=args.size)
-    evaluate(model, names, args.data_root, args.dataset_roots, args.output, device, batch_size=args.batch_size,
-             workers=args.workers, amp=args.amp, json_path=args.json, channels_last=args.channels_last,
-             compile_model=args.compile, winograd=args.winograd)
+    ctx = distributed.init(args.device)
+    try:
+        model = load_depthflow(args.checkpoint, backbone=args.backbone, size=args.size)
+        options = InferenceOptions.from_args(args, ctx.device)
+        evaluate(model, names, args.data_root, args.dataset_roots, args.output, options, json_path=args.json, ctx=ctx)
+    finally:
+        distributed.shutdown(ctx)
 
 
 @cli_entry

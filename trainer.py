@@ -23,12 +23,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from dataset import DATASETS, Source, TrainingFrames, dataset_root, scan
-from evaluator import autocast_context, check_writable, segment_dataset
+from dataset import DATASETS, TRAINING_DATASETS, VALIDATION_DATASET, Source, TrainingFrames, dataset_root, scan
+from evaluator import evaluate_dataset
+from inference import InferenceOptions, Segmenter
 from model import DepthFlow
 from model.checkpoints import load_depthflow, load_pretrained_mit, read_project_checkpoint, save_project_checkpoint
 from utils import distributed
+from utils.device import autocast_context
 from utils.errors import UserError
+from utils.io import check_writable
 
 # Training sets per stage, as "dataset:samples per epoch" (REFERENCE.md section 2).
 STAGE_SOURCES = {1: "ytvos:512", 2: "duts:384,davis_train:128"}
@@ -40,10 +43,11 @@ def parse_sources(text: str) -> list[tuple[str, int]]:
     sources = []
     for part in text.split(","):
         name, _, samples = part.strip().partition(":")
-        if name not in DATASETS or DATASETS[name].metric == "j":
-            trainable = [n for n, s in DATASETS.items() if s.metric != "j"]
-            raise UserError(f"--datasets: {name!r} is not a training set; expected NAME:SAMPLES with NAME in "
-                            f"{', '.join(trainable)}")
+        if name not in TRAINING_DATASETS:
+            why = (f"{DATASETS[name].title} is a test set" + (", and picks best.pth" if name == VALIDATION_DATASET
+                                                                 else "")) if name in DATASETS else "unknown"
+            raise UserError(f"--datasets: {name!r} is not a training set ({why}); expected NAME:SAMPLES with NAME "
+                            f"in {', '.join(TRAINING_DATASETS)}")
         if not samples.isdigit() or int(samples) < 1:
             raise UserError(f"--datasets: {part.strip()!r} needs a sample count, for example {name}:128")
         sources.append((name, int(samples)))
@@ -114,7 +118,8 @@ def _train(args, ctx, stop) -> Path:
                for name, samples in parse_sources(args.datasets or STAGE_SOURCES[args.stage])]
     val_videos = None
     if args.val_every > 0:
-        val_videos = scan(DATASETS["davis"], dataset_root(DATASETS["davis"], args.data_root, overrides.get("davis")))
+        spec = DATASETS[VALIDATION_DATASET]
+        val_videos = scan(spec, dataset_root(spec, args.data_root, overrides.get(VALIDATION_DATASET)))
     if args.batch_size % ctx.world_size:
         raise UserError(f"--batch-size {args.batch_size} must be divisible by the {ctx.world_size} processes")
     epochs = args.epochs or STAGE_EPOCHS[args.stage]
@@ -198,8 +203,9 @@ def _train(args, ctx, stop) -> Path:
                   "iou": float(np.mean(ious)) if ious else None, "lr": args.lr, "seconds": round(time.time() - t0, 2)}
         if val_videos is not None and (epoch + 1) % args.val_every == 0:
             if ctx.is_main:
-                result = segment_dataset(model, DATASETS["davis"], val_videos, ctx.device, out_dir=None,
-                                         batch_size=per_rank, workers=args.workers, amp=args.amp, progress=False)
+                options = InferenceOptions(ctx.device, batch_size=per_rank, workers=args.workers, amp=args.amp)
+                result = evaluate_dataset(Segmenter(model, options), DATASETS[VALIDATION_DATASET], val_videos,
+                                          progress=False)
                 record["davis_jf"] = result["metrics"]["J&F-Mean"]
                 if record["davis_jf"] > best:
                     best = record["davis_jf"]

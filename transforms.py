@@ -26,9 +26,14 @@ def resize_mask(mask: np.ndarray, size: int, mode: str) -> np.ndarray:
     raise ValueError(f"unknown mask resize {mode!r}; expected one of {MASK_RESIZE}")
 
 
+def to_uint8_tensor(rgb: Image.Image) -> torch.Tensor:
+    """PIL RGB -> contiguous 3xHxW uint8 (numpy's transposing copy is several times faster than torch's)."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)))
+
+
 def to_tensor(rgb: Image.Image) -> torch.Tensor:
     """PIL RGB -> 3xHxW float32 in [0, 1]."""
-    return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+    return to_uint8_tensor(rgb).float().div_(255)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from flow_synthesis.depth_to_flow import SynthesisConfig
 from flow_synthesis.duts import DepthFolder, DPTDepth, convert, list_duts
-from utils.distributed import resolve_device
+from utils.device import resolve_device
 from utils.errors import ArgumentParser, UserError, cli_entry
 
 

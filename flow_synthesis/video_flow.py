@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataset import DATASETS, FRAME_EXTENSIONS
-from utils.distributed import resolve_device
+from utils.device import resolve_device
 from utils.errors import ArgumentParser, UserError, cli_entry
 from utils.flow_viz import flow_to_rgb
 from utils.io import image_is_complete, read_rgb, save_image_atomic

@@ -14,6 +14,12 @@ def resize_bicubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
 
 
+def class_masks(logits: torch.Tensor) -> torch.Tensor:
+    """Bx2xHxW logits -> BxHxW uint8 masks, 1 = object: the argmax over the two classes, ties going to the
+    background as argmax's do, at a small fraction of argmax's cost on a CPU."""
+    return (logits[:, 1] > logits[:, 0]).to(torch.uint8)
+
+
 class DepthFlow(nn.Module):
     """Two-stream video object segmentation network.
 
@@ -50,4 +56,4 @@ class DepthFlow(nn.Module):
     @torch.no_grad()
     def predict(self, image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         """BxHxW uint8 masks, 1 = object."""
-        return self(image, flow).argmax(dim=1).to(torch.uint8)
+        return class_masks(self(image, flow))

@@ -117,10 +117,12 @@ def test_unwritable_outputs_are_one_line_errors(toy_root, checkpoint, tmp_path, 
         (toydata_main, [bad]),
         (synth_main, ["--duts", toy_root / "DUTS-TR", "--out", bad, "--depth-dir", toy_root / "DUTS-TR/DUTS-TR-Depth"]),
         (flow_main, ["--frames", toy_root / "LVID/JPEGImages/lvid00", "--out", bad]),
-        (run.main, ["--demo", toy_root / "LVID/JPEGImages/lvid00", "--checkpoint", checkpoint, "--output", bad]),
+        (run.main, ["--demo", toy_root / "LVID/JPEGImages/lvid00", "--checkpoint", checkpoint, "--output", bad,
+                    "--device", "cpu"]),
         (evaluator_main, ["--dataset", "fbms", "--data-root", toy_root, "--results",
                           toy_root / "FBMS/TestSet/Annotations", "--json", bad / "m.json", "--workers", "1"]),
     ]
     for main, argv in commands:
         code, _, err = run_main(main, *argv, capsys=capsys)
-        assert_one_line_error(code, err, "cannot use", str(bad))
+        assert_one_line_error(code, err, "cannot write to output folder" if main is evaluator_main else "cannot use",
+                              str(bad))

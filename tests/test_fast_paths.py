@@ -12,7 +12,8 @@ from PIL import Image
 from torch import nn
 
 from dataset import DATASETS, scan
-from evaluator import prepare_for_inference, segment_dataset
+from evaluator import evaluate_dataset
+from inference import InferenceOptions, Segmenter, prepare_model
 from model import DepthFlow
 from model.winograd import WinogradConv2d, use_winograd, winograd_available
 from run import main as run_main_cli
@@ -37,8 +38,8 @@ def confident_model():
 def _davis_masks(model, toy_root, tmp_path, **options):
     videos = scan(DATASETS["davis"], toy_root / "DAVIS")
     out = tmp_path / "masks"
-    result = segment_dataset(model, DATASETS["davis"], videos, torch.device("cpu"), out_dir=out, workers=0,
-                             progress=False, **options)
+    segmenter = Segmenter(model, InferenceOptions(torch.device("cpu"), **options))
+    result = evaluate_dataset(segmenter, DATASETS["davis"], videos, out_dir=out, progress=False)
     return result, {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*.png"))}
 
 
@@ -55,7 +56,7 @@ def test_batching_and_workers_give_identical_masks(confident_model, toy_root, tm
 
 def test_channels_last_gives_identical_masks(confident_model, toy_root, tmp_path):
     _, plain = _davis_masks(confident_model, toy_root, tmp_path / "a")
-    fast = prepare_for_inference(DepthFlow("mitb0", size=64), torch.device("cpu"), channels_last=True)
+    fast = DepthFlow("mitb0", size=64)
     fast.load_state_dict(confident_model.state_dict())
     _, masks = _davis_masks(fast, toy_root, tmp_path / "b", channels_last=True)
     assert masks == plain
@@ -65,9 +66,9 @@ def test_channels_last_gives_identical_masks(confident_model, toy_root, tmp_path
                     "DEPTHFLOW_SLOW_TESTS=1")
 def test_torch_compile_gives_identical_masks(confident_model, toy_root, tmp_path):
     _, plain = _davis_masks(confident_model, toy_root, tmp_path / "a")
-    fast = prepare_for_inference(DepthFlow("mitb0", size=64), torch.device("cpu"), compile_model=True)
+    fast = DepthFlow("mitb0", size=64)
     fast.load_state_dict(confident_model.state_dict())
-    _, masks = _davis_masks(fast, toy_root, tmp_path / "b")
+    _, masks = _davis_masks(fast, toy_root, tmp_path / "b", compile=True, batch_size=3)
     assert masks == plain
 
 
@@ -112,7 +113,7 @@ def test_winograd_model_keeps_its_weights_and_nearly_its_masks(confident_model, 
     assert use_winograd(fast) == 8  # blend1-4 and cbam1-4.conv1; not the predictor nor CBAM's spatial gate
     assert fast.state_dict().keys() == confident_model.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), confident_model.state_dict().values()))
-    fast = prepare_for_inference(fast, torch.device("cpu"))
+    fast = prepare_model(fast, InferenceOptions())
     image, flow = torch.rand(2, 3, 48, 80), torch.rand(2, 3, 48, 80)
     with torch.inference_mode():
         want, got = confident_model(image, flow), fast(image, flow)
@@ -125,7 +126,7 @@ def test_winograd_model_keeps_its_weights_and_nearly_its_masks(confident_model, 
 
 def test_winograd_is_refused_where_it_cannot_apply(capsys):
     with pytest.raises(UserError, match="--winograd is for CPU inference"):
-        prepare_for_inference(DepthFlow("mitb0", size=64), torch.device("cuda"), winograd=True)
+        prepare_model(DepthFlow("mitb0", size=64), InferenceOptions(torch.device("cuda"), winograd=True))
     code, _, err = run_main(run_main_cli, "--train", "--winograd", capsys=capsys)
     assert_one_line_error(code, err, "--winograd is an inference option")
 

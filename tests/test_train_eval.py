@@ -11,6 +11,7 @@ from PIL import Image
 import evaluator
 import run
 from dataset import DATASETS, scan
+from inference import InferenceOptions, Segmenter
 from model import DepthFlow
 from model.checkpoints import read_project_checkpoint, save_project_checkpoint
 from model.winograd import winograd_available
@@ -24,9 +25,8 @@ TOY_RECIPE = ["--backbone", "mitb0", "--size", "64", "--stage", "2", "--datasets
 
 def toy_davis_jf(model, toy_root):
     videos = scan(DATASETS["davis"], toy_root / "DAVIS")
-    result = evaluator.segment_dataset(model, DATASETS["davis"], videos, torch.device("cpu"), out_dir=None,
-                                       workers=0, progress=False)
-    return result["metrics"]["J&F-Mean"]
+    segmenter = Segmenter(model, InferenceOptions(torch.device("cpu")))
+    return evaluator.evaluate_dataset(segmenter, DATASETS["davis"], videos, progress=False)["metrics"]["J&F-Mean"]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_training_lowers_the_loss_and_beats_an_untrained_model(trained, toy_root
 def test_test_command_writes_masks_tables_and_json(trained, toy_root, tmp_path, capsys):
     out = tmp_path / "eval"
     code, stdout, _ = run_main(run.main, "--test", "--checkpoint", trained / "best.pth", "--data-root", toy_root,
-                               "--output", out, "--workers", "0", capsys=capsys)
+                               "--output", out, "--workers", "0", "--device", "cpu", capsys=capsys)
     assert code == 0
     for title in ("DAVIS 2016 val", "FBMS test", "YouTube-Objects", "Long-Videos", "J&F-Mean", "per class"):
         assert title in stdout
@@ -78,7 +78,7 @@ def test_test_command_writes_masks_tables_and_json(trained, toy_root, tmp_path, 
 def test_test_command_fast_paths_nearly_keep_the_masks(trained, toy_root, tmp_path, capsys, nnpack_calls):
     calls = nnpack_calls
     common = ["--test", "--checkpoint", trained / "best.pth", "--data-root", toy_root, "--datasets", "davis",
-              "--workers", "0"]
+              "--workers", "0", "--device", "cpu"]
     assert run_main(run.main, *common, "--output", tmp_path / "plain", capsys=capsys)[0] == 0
     assert not calls
     code, _, err = run_main(run.main, *common, "--output", tmp_path / "fast", "--winograd", "--channels-last",
@@ -167,7 +167,7 @@ def test_user_errors_are_one_line(toy_root, toy_copy, tmp_path, capsys):
     save_project_checkpoint(ckpt, DepthFlow("mitb0", size=32))
 
     def check(*argv, expect):
-        code, _, err = run_main(run.main, *argv, capsys=capsys)
+        code, _, err = run_main(run.main, *argv, "--device", "cpu", capsys=capsys)
         assert_one_line_error(code, err, *expect)
 
     check("--test", "--checkpoint", ckpt, "--data-root", tmp_path / "nope", "--output", tmp_path / "o",
@@ -179,7 +179,7 @@ def test_user_errors_are_one_line(toy_root, toy_copy, tmp_path, capsys):
     check("--test", "--checkpoint", ckpt, "--data-root", toy_root, "--datasets", "davis,kitti", "--output",
           tmp_path / "o", expect=["unknown test dataset 'kitti'"])
     check("--test", "--checkpoint", ckpt, "--data-root", toy_root, "--datasets", "ytvos", "--output", tmp_path / "o",
-          expect=["unknown test dataset 'ytvos'", "davis_train"])
+          expect=["unknown test dataset 'ytvos'", "davis, fbms, ytobj, lvid"])
     blocker = tmp_path / "file"
     blocker.write_text("")
     check("--test", "--checkpoint", ckpt, "--data-root", toy_root, "--output", blocker / "sub",
@@ -203,7 +203,7 @@ def test_truncated_frame_error_at_the_command_line(toy_copy, tmp_path):
     image = toy_copy / "DAVIS/JPEGImages/480p/val00/00003.jpg"
     image.write_bytes(image.read_bytes()[:300])
     rc, _, err = run_cli("run.py", "--test", "--checkpoint", ckpt, "--data-root", toy_copy, "--output",
-                         tmp_path / "o", "--datasets", "davis")
+                         tmp_path / "o", "--datasets", "davis", "--device", "cpu")
     assert_one_line_error(rc, err, "truncated", str(image))
 
 
@@ -219,7 +219,7 @@ def test_peak_memory_is_flat_in_video_length(tmp_path):
         code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
                 "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
         rc, out, err = run_cli("-c", code, sys.executable, "run.py", "--test", "--checkpoint", ckpt, "--data-root",
-                               root, "--datasets", "davis", "--output", tmp_path / f"o{frames}")
+                               root, "--datasets", "davis", "--output", tmp_path / f"o{frames}", "--device", "cpu")
         assert rc == 0, err[-1000:]
         peaks[frames] = int(out.strip())
         assert len(list((tmp_path / f"o{frames}/DAVIS16_val/val00").glob("*.png"))) == frames

@@ -29,10 +29,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from evaluator import prepare_for_inference
+from inference import InferenceOptions, prepare_model
 from model import DepthFlow
+from model.depthflow import class_masks
 from model.winograd import winograd_available
-from utils.distributed import resolve_device
+from utils.device import resolve_device
 from utils.errors import ArgumentParser, cli_entry
 from utils.io import write_text_atomic
 from utils.metrics import jaccard
@@ -75,14 +76,14 @@ def forward_flops(model: DepthFlow, device) -> float:
 
 def variants(device, compile_model: bool):
     yield "float32", {}
-    yield "channels_last", {"channels_last": True}
+    if device.type == "cpu":  # channels-last is refused on a GPU, where it measured slower
+        yield "channels_last", {"channels_last": True}
     if device.type == "cpu" and winograd_available():
         yield "winograd", {"winograd": True}
         yield "winograd + channels_last", {"winograd": True, "channels_last": True}
     if device.type == "cuda":
         yield "bf16 autocast", {"amp": torch.bfloat16}
         yield "fp16 autocast", {"amp": torch.float16}
-        yield "bf16 + channels_last", {"amp": torch.bfloat16, "channels_last": True}
     if compile_model:
         yield "torch.compile", {"compile": True}
         if device.type == "cuda":
@@ -99,8 +100,11 @@ def bench_forward(backbone, size, batch_sizes, device, compile_model, warmup, it
                   torch.rand(b, 3, 480, 854, generator=gen).to(device)) for b in batch_sizes}
     reference = {}
     for name, opts in variants(device, compile_model):
-        run = prepare_for_inference(copy.deepcopy(base), device, channels_last=opts.get("channels_last", False),
-                                    compile_model=opts.get("compile", False), winograd=opts.get("winograd", False))
+        options = InferenceOptions(device, channels_last=opts.get("channels_last", False),
+                                   winograd=opts.get("winograd", False))
+        run = prepare_model(copy.deepcopy(base), options)
+        if opts.get("compile"):
+            run = torch.compile(run, dynamic=False)
         for b in batch_sizes:
             image, flow = frames[b]
             if opts.get("channels_last"):
@@ -109,7 +113,7 @@ def bench_forward(backbone, size, batch_sizes, device, compile_model, warmup, it
             def step(run=run, image=image, flow=flow, opts=opts):
                 with torch.inference_mode(), torch.autocast(device.type, dtype=opts.get("amp", torch.float32),
                                                             enabled="amp" in opts):
-                    return run(image, flow).argmax(1)
+                    return class_masks(run(image, flow))
 
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -153,7 +157,8 @@ def bench_end_to_end(device, size, quick, workers, backbone="mitb0", frames=None
     """Our streaming --test loop (plain, and with each fast path) vs a reference-style loop, same weights,
     same toy videos."""
     from dataset import DATASETS, scan
-    from evaluator import segment_dataset
+    from evaluator import evaluate_dataset
+    from inference import Segmenter
     from model.checkpoints import released_to_model
     from utils.toydata import generate
 
@@ -177,11 +182,12 @@ def bench_end_to_end(device, size, quick, workers, backbone="mitb0", frames=None
         for name, opts in end_to_end_variants(device):
             ours = DepthFlow(backbone, size=size)
             ours.load_state_dict(state)
-            ours = prepare_for_inference(ours, device, winograd=opts.get("winograd", False))
+            options = InferenceOptions(device, batch_size=batch_size, workers=workers, amp=opts.get("amp", "off"),
+                                       winograd=opts.get("winograd", False))
             out = root / name
             t0 = time.perf_counter()
-            result = segment_dataset(ours, DATASETS["davis"], videos, device, out_dir=out, batch_size=batch_size,
-                                     workers=workers, amp=opts.get("amp", "off"), progress=False)
+            result = evaluate_dataset(Segmenter(ours, options), DATASETS["davis"], videos, out_dir=out,
+                                      progress=False)
             ours_s = time.perf_counter() - t0
             masks = [np.asarray(Image.open(p)) for v in videos for p in sorted((out / v.key).glob("*.png"))]
             report["ours"].append({
@@ -220,6 +226,54 @@ def reference_style_loop(reference, videos, out_dir, device) -> tuple[list[np.nd
     return masks, forward_s
 
 
+class StandIn(torch.nn.Module):
+    """A network of no cost with DepthFlow's interface, so that timing `--test` measures the host. Its logits
+    are at the frame's size and say "object" inside a centred ellipse (a mask like a real one, to write and
+    score), as a GPU hands back masks of the frame's size: what remains is loading, transfers, writing and
+    scoring."""
+
+    def __init__(self):
+        super().__init__()
+        self._logits = {}
+
+    def forward_internal(self, image, flow):
+        h, w = image.shape[-2:]
+        if (h, w) not in self._logits:
+            y, x = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+            inside = (x / 0.6) ** 2 + (y / 0.5) ** 2 <= 1
+            self._logits[h, w] = torch.stack([torch.full_like(x, 0.5), inside.float()]).to(image.device)
+        return self._logits[h, w].expand(len(image), -1, -1, -1)
+
+
+def bench_host_pipeline(device, workers: int, frames: int, batch_size: int) -> list[dict]:
+    """`--test`'s whole loop on 854x480 toy DAVIS videos, with the stand-in network and with MiT-B0 at
+    --size 32 (almost free): frames/s, and per core of the processes' share of the machine."""
+    from dataset import DATASETS, scan
+    from evaluator import evaluate_dataset
+    from inference import InferenceOptions, Segmenter
+    from utils.device import available_cores
+    from utils.toydata import generate
+
+    root = Path(tempfile.mkdtemp(prefix="depthflow-host-"))
+    try:
+        generate(root / "toy", seed=0, size=(480, 854), videos=2, frames=frames // 2, datasets=("davis",))
+        videos = scan(DATASETS["davis"], root / "toy/DAVIS")
+        n, cores = sum(len(v.frames) for v in videos), available_cores()
+        rows = []
+        for name, network in (("stand-in network", StandIn()), ("mitb0 at --size 32", DepthFlow("mitb0", size=32))):
+            options = InferenceOptions(device, batch_size=batch_size, workers=workers)
+            segmenter = Segmenter(network, options)
+            segmenter.masks_on_device |= isinstance(network, StandIn)
+            start = time.perf_counter()
+            evaluate_dataset(segmenter, DATASETS["davis"], videos, out_dir=root / "masks", progress=False)
+            fps = n / (time.perf_counter() - start)
+            rows.append({"network": name, "frames": n, "workers": workers, "cores": cores, "frames_per_s": fps,
+                         "frames_per_s_per_core": fps / cores})
+        return rows
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def markdown(report: dict) -> str:
     lines = [f"Device: {report['device_name']}; torch {report['torch']}; {report['when']}", "",
              "| backbone | variant | batch | frames/s | mask IoU vs fp32 | peak device MiB |",
@@ -245,6 +299,14 @@ def markdown(report: dict) -> str:
                          f"{r['forward_speedup']:.2f}x | {r['speedup']:.2f}x | {100 * r['pixel_agreement']:.4f}% | "
                          f"{r['mask_iou']:.6f} |")
         lines.append("")
+    host = report.get("host_pipeline")
+    if host:
+        lines += ["", "`--test`'s whole loop on 854x480 JPEG frames (loading, transfers, logit resize, PNGs, DAVIS "
+                  "scoring):", "", "| network | frames | --workers | cores | frames/s | frames/s per core |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['network']} | {r['frames']} | {r['workers']} | {r['cores']} | {r['frames_per_s']:.1f} | "
+                  f"{r['frames_per_s_per_core']:.1f} |" for r in host]
+        lines.append("")
     lines.append(f"Peak host memory of the benchmark process: {report['peak_host_mib']:.0f} MiB.")
     return "\n".join(lines) + "\n"
 
@@ -262,6 +324,8 @@ def main(argv=None):
     parser.add_argument("--e2e-backbone", default="mitb0", help="backbone of the end-to-end comparison")
     parser.add_argument("--e2e-frames", type=int, help="frames per toy video in it (default 60; quick 12)")
     parser.add_argument("--skip-forward", action="store_true", help="only the end-to-end comparison")
+    parser.add_argument("--host-frames", type=int, help="frames of the host-pipeline measurement (default 240; "
+                                                        "quick 16)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     quick = args.quick
@@ -281,6 +345,8 @@ def main(argv=None):
         report["per_backbone"][backbone] = {"gflops_per_frame": flops / 1e9, "train_step_s": train_s}
     report["end_to_end"] = bench_end_to_end(device, size, quick, args.workers, args.e2e_backbone, args.e2e_frames,
                                             args.batch)
+    report["host_pipeline"] = bench_host_pipeline(device, args.workers, args.host_frames or (16 if quick else 240),
+                                                  args.batch)
     report["peak_host_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = Path(args.out)
     write_text_atomic(json.dumps(report, indent=2) + "\n", out / "bench.json")

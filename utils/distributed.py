@@ -1,4 +1,4 @@
-"""Process-group setup for one device or torchrun (DistributedDataParallel), and device selection."""
+"""Process-group setup for one device or torchrun (DistributedDataParallel), and the collectives the programs use."""
 
 import os
 from dataclasses import dataclass
@@ -6,19 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from utils.errors import UserError
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
-    return device
+from utils.device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -58,6 +46,24 @@ def any_rank(flag: bool, ctx: Context) -> bool:
     value = torch.tensor([float(flag)], device=ctx.device if ctx.device.type == "cuda" else "cpu")
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def gather_to_main(obj, ctx: Context) -> list | None:
+    """Every rank's `obj`, in rank order, on rank 0 (None on the others); [obj] without torchrun."""
+    if not ctx.distributed:
+        return [obj]
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered if ctx.is_main else None
+
+
+def shard_by_size(sizes: list[int], ctx: Context) -> list[int]:
+    """The indices this rank takes: largest first, each to the least-loaded rank, so ranks finish together."""
+    loads, owner = [0] * ctx.world_size, {}
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        rank = min(range(ctx.world_size), key=lambda r: (loads[r], r))
+        owner[i], loads[rank] = rank, loads[rank] + sizes[i]
+    return [i for i in range(len(sizes)) if owner[i] == ctx.rank]
 
 
 def barrier(ctx: Context) -> None:

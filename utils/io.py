@@ -13,10 +13,12 @@ from utils.errors import UserError
 
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, durable: bool = True):
     """Yield a temporary path beside `path`; it replaces `path` only if the block finishes.
 
-    Readers never see a half-written file, and an interrupted write leaves the old file intact.
+    Readers never see a half-written file, and an interrupted write leaves the old file intact. `durable`
+    also flushes the file to disk first, so a power cut cannot leave an empty file under the final name;
+    outputs that are cheap to make again (masks) skip it, as it costs more than writing them.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,8 +26,9 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -37,16 +40,28 @@ def save_torch_atomic(obj, path):
         torch.save(obj, tmp)
 
 
-def save_image_atomic(image: Image.Image, path, **save_kwargs):
+def save_image_atomic(image: Image.Image, path, durable: bool = True, **save_kwargs):
     path = Path(path)
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}[path.suffix.lower()]
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable) as tmp:
         image.save(tmp, format=fmt, **save_kwargs)
 
 
 def write_text_atomic(text: str, path):
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)
+
+
+def check_writable(folder) -> Path:
+    """Create `folder` if needed and prove a file can be written there, before any long work starts."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test."):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to output folder {folder} ({err.strerror})") from None
+    return folder
 
 
 def read_image(path, mode=None) -> Image.Image:

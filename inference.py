@@ -1,0 +1,250 @@
+"""Streaming inference: batches of video frames in, network outputs out, with the device kept busy.
+
+Loader processes decode frames into uint8 tensors (a quarter of float32's bytes to copy). The main
+process only moves a batch to the device, turns it into floats there, runs the network and starts the
+copy of the result back; while the device works on one batch, the caller handles the previous one. What
+callers do with masks (writing PNGs, scoring) runs in their own worker processes (evaluator.py), so the
+loop that launches kernels never waits for it.
+
+On a GPU the masks are made on the device (the bicubic resize to the frame's size, then the two-class
+decision) and only they travel back. On a CPU that resize costs as much as a small network, so it is
+left to the callers' processes (`masks_from_output`): the same operation on the same numbers, hence
+bit for bit the masks of `DepthFlow.predict`.
+
+Where shapes must stay fixed (a GPU, or --compile), the last batch of a video is padded to the full batch
+size and the padding dropped, so compilation happens once per frame size, before the timed part.
+"""
+
+import importlib.util
+import multiprocessing
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dataset import Video, VideoFrames, video_batches
+from model.depthflow import DepthFlow, class_masks, resize_bicubic
+from model.winograd import use_winograd, winograd_available
+from utils.device import autocast_context
+from utils.errors import UserError
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How the network runs; each field is a flag of `run.py --test` and `--demo`."""
+
+    device: torch.device = torch.device("cpu")
+    batch_size: int = 8
+    workers: int = 0  # loader processes; 0 decodes in the main process
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
+    winograd: bool = False
+
+    @classmethod
+    def from_args(cls, args, device: torch.device) -> "InferenceOptions":
+        """From run.py's parsed flags."""
+        return cls(device=device, batch_size=args.batch_size, workers=args.workers, amp=args.amp,
+                   channels_last=args.channels_last, compile=args.compile, winograd=args.winograd)
+
+
+@dataclass
+class Batch:
+    """Consecutive frames of one video and what the network made of them."""
+
+    video: Video
+    frames: list[int]  # positions in the video
+    images: torch.Tensor  # Bx3xHxW uint8, on the host
+    flows: torch.Tensor
+    output: np.ndarray  # BxHxW uint8 masks, or (CPU) Bx2xSxS float32 logits at the network's size S
+
+    def masks(self) -> np.ndarray:
+        return masks_from_output(self.output, tuple(self.images.shape[-2:]))
+
+
+def masks_from_output(output: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """BxHxW uint8 object masks from a Batch's output (resizing the logits where the device left them)."""
+    if output.ndim == 3:
+        return output
+    return class_masks(resize_bicubic(torch.from_numpy(output), size)).numpy()
+
+
+def prepare_model(model: DepthFlow, options: InferenceOptions) -> DepthFlow:
+    """Move the model to its device in eval mode, with the fast paths the options ask for."""
+    device = options.device
+    if options.winograd:
+        if device.type != "cpu":
+            raise UserError(f"--winograd is for CPU inference; on {device.type} the convolution library "
+                            "chooses its own algorithms (drop --winograd)")
+        if not winograd_available():
+            raise UserError("--winograd needs NNPACK, which this PyTorch build or this CPU lacks (drop --winograd)")
+        use_winograd(model)
+    if options.channels_last and device.type == "cuda":
+        # Measured on an H100: 2.3-2.6x slower than the default layout for this network (README, 'Speed').
+        raise UserError("--channels-last is slower on a GPU for this network; it is a CPU option (drop it)")
+    if options.compile:
+        _check_compiler(device)
+    model = model.to(device).eval()
+    if options.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _check_compiler(device: torch.device) -> None:
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise UserError("--compile on a GPU needs Triton, which this Python lacks (pip install triton, or drop "
+                        "--compile)")
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++")
+                                        if c):
+        raise UserError("--compile on a CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop "
+                        "--compile")
+
+
+@dataclass
+class _InFlight:
+    batch: dict
+    frames: int  # real frames in the batch, before padding
+    output: torch.Tensor
+    seconds: float  # the network's time (on a GPU, replaced by the events' once they have happened)
+    events: tuple[torch.cuda.Event, ...] = ()  # (start, end, copied back), on a GPU
+
+
+class Segmenter:
+    """Owns a prepared network and runs videos through it (see the module's docstring)."""
+
+    def __init__(self, model: DepthFlow, options: InferenceOptions):
+        self.options = options
+        self.device = options.device
+        self.model = prepare_model(model, options)
+        forward = self.model.forward_internal
+        self.network = torch.compile(forward, dynamic=False) if options.compile else forward
+        self.on_gpu = self.device.type == "cuda"
+        # Masks are made where the network runs on a GPU; utils.bench also sets this on a CPU, to measure
+        # what feeding a GPU costs the host.
+        self.masks_on_device = self.on_gpu
+        self.fixed_shapes = self.on_gpu or options.compile
+        self._ready_shapes: set[tuple[int, ...]] = set()
+
+    def batches(self, videos: list[Video], *, timing: dict | None = None, desc: str = "segmenting",
+                progress: bool = True) -> Iterator[Batch]:
+        """Every frame of `videos`, in order, in batches that never span two videos.
+
+        `timing["forward_s"]` accumulates the network's time (CUDA events on a GPU, so nothing waits for it).
+        """
+        timing = {} if timing is None else timing
+        timing.setdefault("forward_s", 0.0)
+        plan = video_batches(videos, self.options.batch_size)
+        frames = VideoFrames(videos, self.options.workers)
+        workers = self.options.workers
+        loader = DataLoader(frames, batch_sampler=plan, num_workers=workers, pin_memory=self.on_gpu,
+                            prefetch_factor=4 if workers else None)
+        previous = None
+        with tqdm(total=len(frames), unit="frame", desc=desc, disable=None if progress else True,
+                  leave=False) as bar:
+            for batch in _reported(loader, frames):
+                current = self._launch(batch, videos)
+                if previous is not None:
+                    yield self._collect(previous, videos, timing)
+                    bar.update(previous.frames)
+                previous = current
+            if previous is not None:
+                yield self._collect(previous, videos, timing)
+                bar.update(previous.frames)
+
+    def _to_device(self, frames: torch.Tensor) -> torch.Tensor:
+        x = frames.to(self.device, non_blocking=True)
+        if self.fixed_shapes and len(x) < self.options.batch_size:
+            x = torch.cat([x, x[-1:].expand(self.options.batch_size - len(x), -1, -1, -1)])
+        x = x.float().div_(255)  # as transforms.to_tensor does, so CPU results are unchanged
+        return x.contiguous(memory_format=torch.channels_last) if self.options.channels_last else x
+
+    def _launch(self, batch: dict, videos: list[Video]) -> _InFlight:
+        n = len(batch["frame"])
+        try:
+            image, flow = self._to_device(batch["image"]), self._to_device(batch["flow"])
+            self._warm_up(image, flow)
+            events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(3)) if self.on_gpu else ()
+            with torch.inference_mode(), autocast_context(self.device, self.options.amp):
+                start = time.perf_counter()
+                if events:
+                    events[0].record()
+                output = self.network(image, flow)
+                if self.masks_on_device:
+                    output = class_masks(resize_bicubic(output, tuple(image.shape[-2:])))
+                else:
+                    output = output.float().contiguous()
+                output = output[:n]
+                if events:
+                    events[1].record()
+                    output = output.to("cpu", non_blocking=True)
+                    events[2].record()
+                return _InFlight(batch, n, output, time.perf_counter() - start, events)
+        except torch.OutOfMemoryError:
+            video = videos[int(batch["video"][0])]
+            h, w = batch["image"].shape[-2:]
+            raise UserError(f"out of GPU memory segmenting {video.key} ({w}x{h} frames) with --batch-size "
+                            f"{self.options.batch_size}; lower --batch-size") from None
+
+    def _warm_up(self, image: torch.Tensor, flow: torch.Tensor) -> None:
+        """Pay compilation (and the allocator's first growth) for a new shape before the timed part."""
+        if not self.fixed_shapes or image.shape in self._ready_shapes:
+            return
+        try:
+            with torch.inference_mode(), autocast_context(self.device, self.options.amp):
+                self.network(image, flow)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:
+            if not self.options.compile:
+                raise
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserError(f"--compile failed to compile the network ({first}); drop --compile") from None
+        if self.on_gpu:
+            torch.cuda.synchronize(self.device)
+        self._ready_shapes.add(image.shape)
+
+    def _collect(self, flight: _InFlight, videos: list[Video], timing: dict) -> Batch:
+        if flight.events:
+            start, end, done = flight.events
+            done.synchronize()
+            flight.seconds = start.elapsed_time(end) / 1000
+        timing["forward_s"] += flight.seconds
+        batch = flight.batch
+        return Batch(videos[int(batch["video"][0])], batch["frame"].tolist(), batch["image"], batch["flow"],
+                     flight.output.numpy())
+
+
+def _reported(loader: DataLoader, frames: VideoFrames):
+    """The loader's batches; a loader process that dies becomes one line naming the frame it was decoding."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as err:
+            if "DataLoader worker" not in str(err):
+                raise
+            pids = [int(p) for p in re.findall(r"\d+", str(err).split(")")[0])]
+            where = frames.decoding(pids) or "a frame"
+            reason = str(err).strip().splitlines()[0]
+            raise UserError(f"a data-loading process died while decoding {where} ({reason}); if memory ran "
+                            "short, lower --workers or --batch-size") from None
+        yield batch
+
+
+def single_threaded() -> None:
+    """Initialiser of helper processes: one thread each, so they do not fight the main process for cores."""
+    torch.set_num_threads(1)
+
+
+def helper_pool_context():
+    """Helper processes are forked: they start at once and inherit the loaded modules; they never use CUDA."""
+    return multiprocessing.get_context("fork")
