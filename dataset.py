@@ -18,12 +18,11 @@ from torch.utils.data import Dataset
 
 from transforms import TrainTransform, to_uint8_tensor
 from utils.errors import UserError
-from utils.io import read_image
+from utils.io import FRAME_EXTENSIONS, read_image
 from utils.palette import binarise, read_label_image
 
 DEFAULT_DATA_ROOT = "../DB/VOS"
 
-FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
 MASK_EXTENSIONS = (".png",)
 YTOBJ_CLASSES = ("aeroplane", "bird", "boat", "car", "cat", "cow", "dog", "horse", "motorbike", "train")
 
@@ -171,6 +170,8 @@ def _video_names(root: Path, spec: DatasetSpec) -> list[tuple[str | None, str]]:
         names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
         if not names:
             raise UserError(f"{spec.title}: video list {listing} is empty")
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise UserError(f"{spec.title}: video list {listing} names {twice[0]!r} twice (expected each video once)")
         for name in names:
             if not (root / spec.images / name).is_dir():
                 raise UserError(f"{spec.title}: {listing} names video {name!r}, but "
@@ -199,6 +200,11 @@ def scan(spec: DatasetSpec, root) -> list[Video]:
     videos = [_pair(f"{g}/{v}" if g else v, root, spec, v, g) for g, v in _video_names(root, spec)]
     if not videos:
         raise UserError(f"{spec.title}: no videos under {root / spec.images} (expected layout {spec.layout()})")
+    if spec.role == "test" and spec.metric == "davis":
+        for video in videos:
+            if len(video.frames) < 3:
+                raise UserError(f"{spec.title}: video {root / spec.images / video.key} has {len(video.frames)} "
+                                "frames; the DAVIS protocol drops the first and the last, so it needs at least 3")
     return videos
 
 
@@ -274,33 +280,36 @@ class Source:
 
 
 class TrainingFrames(Dataset):
-    """An epoch of random samples from one or more sources: a random video, then a random annotated frame.
+    """Random samples from one or more sources: a random video, then a random annotated frame.
 
-    Sample `i` of epoch `e` is drawn from a generator seeded by (seed, e, i), so a run is the same for any
-    number of workers or processes, and resuming at an epoch replays exactly what the stopped run would have.
-    Mixing sources is one line: TrainingFrames([Source(duts, videos, 384), Source(davis, videos, 128)], ...).
+    An item is addressed by (epoch, index) and drawn from a generator seeded by (seed, epoch, index), so a
+    run is the same for any number of workers or processes, and resuming replays exactly what the stopped
+    run would have done. An epoch holds `len(self)` samples, each source's share in order. Mixing sources
+    is one line: TrainingFrames([Source(duts, videos, 384), Source(davis, videos, 128)], ...).
+    Items are uint8 tensors (image and flow 3xSxS, mask SxS 0/1); the device makes floats of them.
     """
 
     def __init__(self, sources: list[Source], size: int = 512, seed: int = 0, flip_p: float = 0.5):
         self.sources = sources
         self.transforms = [TrainTransform(size, s.spec.mask_resize, flip_p, flip_p) for s in sources]
         self.seed = seed
-        self.epoch = 0
         self.bounds = np.cumsum([s.samples for s in sources]).tolist()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self):
         return self.bounds[-1]
 
-    def __getitem__(self, i):
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
         part = next(p for p, bound in enumerate(self.bounds) if i < bound)
         source = self.sources[part]
-        rng = random.Random(f"{self.seed}/{self.epoch}/{i}")
+        rng = random.Random(f"{self.seed}/{epoch}/{i}")
         frame = rng.choice(rng.choice(source.annotated))
         image, flow = read_image(frame.image, "RGB"), read_image(frame.flow, "RGB")
         labels = read_label_image(frame.mask)
+        for what, path, size in (("flow", frame.flow, flow.size), ("mask", frame.mask, labels.shape[::-1])):
+            if size != image.size:
+                raise UserError(f"{what} {path} is {size[0]}x{size[1]}, its frame {frame.image} is "
+                                f"{image.size[0]}x{image.size[1]} (expected equal sizes)")
         if source.spec.mask_resize == "bicubic":
             mask = labels.astype(np.float32) / 255.0  # DUTSv2 masks are grey 0/255
         else:

@@ -4,10 +4,13 @@ Writes, under --output (default demo_out/<video name>/):
   frames/%05d.jpg      the decoded frames (a video file only)
   flows/<frame>.jpg    optical flow, RAFT if weights are given or found, else OpenCV DIS
   masks/<frame>.png    DAVIS-palette masks
+  source.json          the input this folder belongs to (a different input stops the run)
   overlay.mp4          the mask tinted over each frame, with the flow image beside it
   contact_sheet.png    evenly spaced overlay frames, for a quick look
 """
 
+import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -16,9 +19,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dataset import FRAME_EXTENSIONS, Frame, Video
+from dataset import Frame, Video
 from utils.errors import UserError
-from utils.io import save_image_atomic
+from utils.io import frame_size, list_frames, save_image_atomic, write_text_atomic
 from utils.palette import save_palette_mask
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -26,6 +29,8 @@ TINT = np.array([255, 40, 40], np.float32)
 SHEET_FRAMES = 8
 SHEET_TILE_WIDTH = 640  # frame and flow side by side
 DEMO_FPS = 24.0
+MIN_SIDE = 16  # optical flow and the network's patch embedding need a few pixels to work on
+SOURCE_RECORD = "source.json"  # which input an output folder belongs to
 
 
 def extract_frames(video_path: Path, out_dir: Path) -> list[Path]:
@@ -51,30 +56,15 @@ def extract_frames(video_path: Path, out_dir: Path) -> list[Path]:
     return frames
 
 
-def input_frames(path: Path, out_root: Path) -> list[Path]:
+def listed_frames(path: Path) -> list[Path] | None:
+    """The frames of a folder, or None for a video file (decoded later, into the output folder)."""
     if path.is_dir():
-        frames = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS)
-        if not frames:
-            raise UserError(f"no frames (.jpg/.png) in {path}")
-        return frames
+        return list_frames(path)
     if not path.is_file():
         raise UserError(f"--demo {path}: no such file or folder")
     if path.suffix.lower() not in VIDEO_EXTENSIONS:
         raise UserError(f"--demo {path}: not a video file (expected {', '.join(VIDEO_EXTENSIONS)} or a folder)")
-    return extract_frames(path, out_root / "frames")
-
-
-def check_sizes(frames: list[Path]) -> tuple[int, int]:
-    sizes = {}
-    for path in frames:
-        with Image.open(path) as img:
-            sizes.setdefault(img.size, path)
-    if len(sizes) > 1:
-        (a, pa), (b, pb) = list(sizes.items())[:2]
-        raise UserError(f"frames differ in size: {pa} is {a[0]}x{a[1]}, {pb} is {b[0]}x{b[1]} "
-                        f"(expected one size per video)")
-    w, h = next(iter(sizes))
-    return h, w
+    return None
 
 
 def hwc(frame: torch.Tensor) -> np.ndarray:
@@ -96,6 +86,25 @@ def contact_sheet(tiles: list[np.ndarray], columns: int = 4) -> np.ndarray:
     return np.concatenate([np.concatenate(r + [blank] * (columns - len(r)), axis=1) for r in rows], axis=0)
 
 
+def claim_output(out: Path, source: Path, overwrite: bool) -> None:
+    """An output folder belongs to one input: another video's flows or masks in it would be reused or mixed
+    in silently. The folder records its input; a different one stops the run unless --overwrite."""
+    record = out / SOURCE_RECORD
+    stat = source.stat()
+    here = {"source": str(source.resolve()), "size": stat.st_size if source.is_file() else None,
+            "modified_ns": stat.st_mtime_ns}
+    if record.is_file():
+        previous = json.loads(record.read_text())
+        if previous != here:
+            if not overwrite:
+                raise UserError(f"{out} holds the demo of {previous.get('source')} (or of an older version of it); "
+                                "pass another --output, or --overwrite to replace it")
+            shutil.rmtree(out)
+    elif out.is_dir() and any(out.iterdir()):
+        raise UserError(f"{out} exists and was not written by --demo; pass another --output")
+    write_text_atomic(json.dumps(here) + "\n", record)
+
+
 def run_demo(args) -> Path:
     from flow_synthesis.video_flow import make_flow_backend, video_flows
     from inference import InferenceOptions, Segmenter
@@ -105,34 +114,41 @@ def run_demo(args) -> Path:
     if not args.checkpoint:
         raise UserError("--demo needs --checkpoint FILE (a released DepthFlow_mitb*.pth or a --train output)")
     source = Path(args.demo)
+    frames = listed_frames(source)
     device = resolve_device(args.device)
     segmenter = Segmenter(load_depthflow(args.checkpoint, backbone=args.backbone, size=args.size),
                           InferenceOptions.from_args(args, device))
     out = Path(args.output) if args.output else Path("demo_out") / source.resolve().name
-    frames = input_frames(source, out)
-    height, width = check_sizes(frames)
+    claim_output(out, source, args.overwrite)
+    frames = frames or extract_frames(source, out / "frames")
+    height, width = frame_size(frames, min_side=MIN_SIDE)
     backend = make_flow_backend("auto", args.raft_weights, device)
-    out.mkdir(parents=True, exist_ok=True)
     print(f"{len(frames)} frames of {width}x{height}; optical flow: {backend.name}")
     video_flows(frames, out / "flows", backend, batch_size=4)
     video = Video(source.stem, tuple(Frame(f.stem, f, out / "flows" / f"{f.stem}.jpg", None) for f in frames))
+    write_outputs(segmenter, video, out, (width, height))
+    print(f"wrote {len(frames)} masks to {out / 'masks'}, {out / 'overlay.mp4'} and {out / 'contact_sheet.png'}")
+    return out
 
-    wanted = set(np.linspace(0, len(frames) - 1, min(SHEET_FRAMES, len(frames))).round().astype(int).tolist())
+
+def write_outputs(segmenter, video: Video, out: Path, size: tuple[int, int]) -> None:
+    """Masks, the overlay video and the contact sheet, streaming."""
+    n = len(video.frames)
+    wanted = set(np.linspace(0, n - 1, min(SHEET_FRAMES, n)).round().astype(int).tolist())
     tiles = []
     # OpenCV picks the container from the extension, so the partial file keeps .mp4; one rename finishes it.
     partial = out / "overlay.partial.mp4"
-    writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), DEMO_FPS, (2 * width, height))
-    for batch in segmenter.batches([video]):
-        for index, mask, image, flow in zip(batch.frames, batch.masks(), batch.images, batch.flows):
-            save_palette_mask(mask, out / "masks" / f"{video.frames[index].stem}.png")
-            composed = overlay(hwc(image), mask, hwc(flow))
-            writer.write(np.ascontiguousarray(composed[..., ::-1]))
-            if index in wanted:
-                scale = min(1.0, SHEET_TILE_WIDTH / composed.shape[1])
-                tiles.append(cv2.resize(composed, (round(composed.shape[1] * scale),
-                                                   round(composed.shape[0] * scale))))
+    writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), DEMO_FPS, (2 * size[0], size[1]))
+    with segmenter.reporting_loader_deaths():
+        for batch in segmenter.batches([video]):
+            for index, mask, image, flow in zip(batch.frames, batch.masks(), batch.images, batch.flows):
+                save_palette_mask(mask, out / "masks" / f"{video.frames[index].stem}.png")
+                composed = overlay(hwc(image), mask, hwc(flow))
+                writer.write(np.ascontiguousarray(composed[..., ::-1]))
+                if index in wanted:
+                    scale = min(1.0, SHEET_TILE_WIDTH / composed.shape[1])
+                    tiles.append(cv2.resize(composed, (round(composed.shape[1] * scale),
+                                                       round(composed.shape[0] * scale))))
     writer.release()
     partial.replace(out / "overlay.mp4")
     save_image_atomic(Image.fromarray(contact_sheet(tiles)), out / "contact_sheet.png")
-    print(f"wrote {len(frames)} masks to {out / 'masks'}, {out / 'overlay.mp4'} and {out / 'contact_sheet.png'}")
-    return out

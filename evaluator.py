@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dataset import DATASETS, DEFAULT_DATA_ROOT, TEST_DATASETS, DatasetSpec, Frame, Video, dataset_root, scan
-from inference import InferenceOptions, Segmenter, helper_pool_context, masks_from_output, single_threaded
+from inference import InferenceOptions, Segmenter, helper_pool_context, init_helper, masks_from_output
 from utils import distributed
 from utils.device import default_workers
 from utils.errors import ArgumentParser, UserError, cli_entry
@@ -64,7 +64,7 @@ class _Finisher:
 
     def __init__(self, processes: int):
         self.pool = ProcessPoolExecutor(processes, mp_context=helper_pool_context(),
-                                        initializer=single_threaded) if processes else None
+                                        initializer=init_helper) if processes else None
         self.backlog = 2 * processes
         self.pending: deque = deque()
 
@@ -108,7 +108,7 @@ def segment_dataset(segmenter: Segmenter, spec: DatasetSpec, videos: list[Video]
     """
     scores = defaultdict(list)
     boundary = spec.metric == "davis"
-    with _Finisher(segmenter.options.workers) as finisher:
+    with segmenter.reporting_loader_deaths(), _Finisher(segmenter.options.workers) as finisher:
         for batch in segmenter.batches(videos, timing=timing, desc=spec.title, progress=progress):
             video = batch.video
             frames = [video.frames[i] for i in batch.frames]
@@ -152,7 +152,7 @@ def score_saved(spec: DatasetSpec, videos: list[Video], results_dir, workers: in
         raise UserError(f"results folder not found: {results_dir} (expected {results_dir}/<video>/<frame>.png)")
     jobs = [(spec, v, str(results_dir)) for v in videos]
     if workers > 1:
-        with helper_pool_context().Pool(workers) as pool:
+        with helper_pool_context().Pool(workers, initializer=init_helper) as pool:
             scores = dict(pool.map(_score_saved_video, jobs))
     else:
         scores = dict(map(_score_saved_video, jobs))
@@ -205,15 +205,15 @@ def evaluate_dataset(segmenter: Segmenter, spec: DatasetSpec, videos: list[Video
     return result
 
 
-def _sharded_test(segmenter: Segmenter, spec: DatasetSpec, videos: list[Video], out_dir: Path | None,
-                  ctx: distributed.Context) -> dict | None:
-    """test_dataset with the videos shared out over the torchrun processes; the result on rank 0 only.
+def evaluate_sharded(segmenter: Segmenter, spec: DatasetSpec, videos: list[Video], out_dir: Path | None,
+                     ctx: distributed.Context, progress: bool = False) -> dict | None:
+    """evaluate_dataset with the videos shared out over the torchrun processes; the result on rank 0 only.
 
     Every video is segmented whole by one process, and rank 0 scores the gathered frame scores in the
     dataset's own video order, so the tables equal a single process's."""
     mine = [videos[i] for i in distributed.shard_by_size([len(v.frames) for v in videos], ctx)]
     timing, start = {}, time.perf_counter()
-    scores = segment_dataset(segmenter, spec, mine, out_dir=out_dir, timing=timing, progress=ctx.is_main)
+    scores = segment_dataset(segmenter, spec, mine, out_dir=out_dir, timing=timing, progress=progress and ctx.is_main)
     report = (dict(scores), sum(len(v.frames) for v in mine), timing["forward_s"], time.perf_counter() - start)
     gathered = distributed.gather_to_main(report, ctx)
     if gathered is None:
@@ -250,7 +250,7 @@ def evaluate(model, names: list[str], data_root, overrides: dict, output, option
     for name in names:
         spec = DATASETS[name]
         out_dir = output / spec.output if save_masks else None
-        result = _sharded_test(segmenter, spec, videos[name], out_dir, ctx)
+        result = evaluate_sharded(segmenter, spec, videos[name], out_dir, ctx, progress=True)
         if ctx.is_main:
             results[name] = result
             print(format_table(spec, result), flush=True)

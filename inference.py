@@ -15,11 +15,13 @@ Where shapes must stay fixed (a GPU, or --compile), the last batch of a video is
 size and the padding dropped, so compilation happens once per frame size, before the timed part.
 """
 
+import contextlib
 import importlib.util
 import multiprocessing
 import os
 import re
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ from tqdm import tqdm
 from dataset import Video, VideoFrames, video_batches
 from model.depthflow import DepthFlow, class_masks, resize_bicubic
 from model.winograd import use_winograd, winograd_available
+from transforms import frames_to_float
 from utils.device import autocast_context
 from utils.errors import UserError
 
@@ -131,6 +134,7 @@ class Segmenter:
         self.masks_on_device = self.on_gpu
         self.fixed_shapes = self.on_gpu or options.compile
         self._ready_shapes: set[tuple[int, ...]] = set()
+        self._frames: VideoFrames | None = None  # of the run in progress, to name a frame that kills a loader
 
     def batches(self, videos: list[Video], *, timing: dict | None = None, desc: str = "segmenting",
                 progress: bool = True) -> Iterator[Batch]:
@@ -141,14 +145,14 @@ class Segmenter:
         timing = {} if timing is None else timing
         timing.setdefault("forward_s", 0.0)
         plan = video_batches(videos, self.options.batch_size)
-        frames = VideoFrames(videos, self.options.workers)
+        frames = self._frames = VideoFrames(videos, self.options.workers)
         workers = self.options.workers
         loader = DataLoader(frames, batch_sampler=plan, num_workers=workers, pin_memory=self.on_gpu,
                             prefetch_factor=4 if workers else None)
         previous = None
-        with tqdm(total=len(frames), unit="frame", desc=desc, disable=None if progress else True,
-                  leave=False) as bar:
-            for batch in _reported(loader, frames):
+        with self.reporting_loader_deaths(), tqdm(total=len(frames), unit="frame", desc=desc,
+                                                  disable=None if progress else True, leave=False) as bar:
+            for batch in loader:
                 current = self._launch(batch, videos)
                 if previous is not None:
                     yield self._collect(previous, videos, timing)
@@ -158,11 +162,28 @@ class Segmenter:
                 yield self._collect(previous, videos, timing)
                 bar.update(previous.frames)
 
+    @contextlib.contextmanager
+    def reporting_loader_deaths(self):
+        """Turn the loader's report of a dead process into one line naming the frame it was decoding.
+
+        The loader raises it from a signal handler, wherever the main process is; callers that do work
+        between batches wrap their loop in this too."""
+        try:
+            yield
+        except RuntimeError as err:
+            if "DataLoader worker" not in str(err) or self._frames is None:
+                raise
+            pids = [int(p) for p in re.findall(r"\d+", str(err).split(")")[0])]
+            where = self._frames.decoding(pids) or "a frame"
+            reason = str(err).strip().splitlines()[0]
+            raise UserError(f"a data-loading process died while decoding {where} ({reason}); if memory ran "
+                            "short, lower --workers or --batch-size") from None
+
     def _to_device(self, frames: torch.Tensor) -> torch.Tensor:
         x = frames.to(self.device, non_blocking=True)
         if self.fixed_shapes and len(x) < self.options.batch_size:
             x = torch.cat([x, x[-1:].expand(self.options.batch_size - len(x), -1, -1, -1)])
-        x = x.float().div_(255)  # as transforms.to_tensor does, so CPU results are unchanged
+        x = frames_to_float(x)
         return x.contiguous(memory_format=torch.channels_last) if self.options.channels_last else x
 
     def _launch(self, batch: dict, videos: list[Video]) -> _InFlight:
@@ -221,27 +242,10 @@ class Segmenter:
                      flight.output.numpy())
 
 
-def _reported(loader: DataLoader, frames: VideoFrames):
-    """The loader's batches; a loader process that dies becomes one line naming the frame it was decoding."""
-    iterator = iter(loader)
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except RuntimeError as err:
-            if "DataLoader worker" not in str(err):
-                raise
-            pids = [int(p) for p in re.findall(r"\d+", str(err).split(")")[0])]
-            where = frames.decoding(pids) or "a frame"
-            reason = str(err).strip().splitlines()[0]
-            raise UserError(f"a data-loading process died while decoding {where} ({reason}); if memory ran "
-                            "short, lower --workers or --batch-size") from None
-        yield batch
-
-
-def single_threaded() -> None:
-    """Initialiser of helper processes: one thread each, so they do not fight the main process for cores."""
+def init_helper() -> None:
+    """Initialiser of helper processes: one thread each, so they do not fight the main process for cores,
+    and deaf to Ctrl-C, which the main process handles for all."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
 
 

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", help="--test: masks and results (default outputs); --train: checkpoints and logs "
                                     "(default runs/stageN); --demo: default demo_out/<video name>")
     d.add_argument("--json", help="--test: write the metrics here (default OUTPUT/results.json)")
+    d.add_argument("--overwrite", action="store_true", help="--train: start afresh in an --output that holds an "
+                                                            "earlier run; --demo: replace another video's outputs")
 
     s = parser.add_argument_group("schedule")
     s.add_argument("--stage", type=int, choices=(1, 2), default=1, help="recipe stage for --train (default 1)")

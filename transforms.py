@@ -31,9 +31,9 @@ def to_uint8_tensor(rgb: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)))
 
 
-def to_tensor(rgb: Image.Image) -> torch.Tensor:
-    """PIL RGB -> 3xHxW float32 in [0, 1]."""
-    return to_uint8_tensor(rgb).float().div_(255)
+def frames_to_float(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 frames -> float32 in [0, 1], wherever they are (on the device, after the copy)."""
+    return frames.float().div_(255)
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,8 @@ class TrainTransform:
         image = image.resize((self.size, self.size), Image.BICUBIC)
         flow = flow.resize((self.size, self.size), Image.BICUBIC)
         mask = resize_mask(mask, self.size, self.mask_resize)
-        image_t, flow_t, mask_t = to_tensor(image), to_tensor(flow), torch.from_numpy(mask.copy()).long()
+        # uint8 until the device: a quarter of float32's bytes to move (frames_to_float converts them there).
+        image_t, flow_t, mask_t = to_uint8_tensor(image), to_uint8_tensor(flow), torch.from_numpy(mask.copy())
         # Draw both decisions every time so the random stream does not depend on the outcomes.
         hflip, vflip = rng.random() < self.hflip_p, rng.random() < self.vflip_p
         if hflip:

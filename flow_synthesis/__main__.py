@@ -45,6 +45,8 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     _config_flags(parser)
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: expected at least 1")
     try:
         config = SynthesisConfig(**{f.name: tuple(v) if isinstance(v := getattr(args, f.name), list) else v
                                     for f in dataclasses.fields(SynthesisConfig)})

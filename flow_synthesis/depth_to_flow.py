@@ -44,6 +44,14 @@ class SynthesisConfig:
             raise ValueError(f"median_kernel must be 0, 3 or 5, got {self.median_kernel}")
         if not 0 <= self.percentile_low < self.percentile_high <= 100:
             raise ValueError("need 0 <= percentile_low < percentile_high <= 100")
+        for name in ("gamma_range", "camera_magnitude", "zoom_range", "object_magnitude"):
+            low, high = getattr(self, name)
+            if not (np.isfinite(low) and np.isfinite(high) and low <= high):
+                raise ValueError(f"--{name.replace('_', '-')} {low} {high}: expected finite LOW <= HIGH")
+        if self.gamma_range[0] <= 0 or min(self.camera_magnitude[0], self.object_magnitude[0]) < 0:
+            raise ValueError("gammas must be positive and motion magnitudes at least 0")
+        if not 0 <= self.object_probability <= 1:
+            raise ValueError(f"--object-probability {self.object_probability}: expected a value in [0, 1]")
 
 
 @dataclass(frozen=True)

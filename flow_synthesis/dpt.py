@@ -179,7 +179,7 @@ def load_dpt(path, variant: str | None = None) -> DPT:
     if not any(k.startswith("scratch.output_conv") for k in state):
         raise UserError(f"{path} is not a DPT weight file (expected {hint})")
     if variant and variant != found:
-        raise UserError(f"{path} holds DPT-{found.capitalize()} weights; --dpt-model is {variant}")
+        raise UserError(f"{path} holds DPT-{found.capitalize()} weights, not the DPT-{variant.capitalize()} asked for")
     model = DPT(found)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:

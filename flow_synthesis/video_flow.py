@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from dataset import DATASETS, FRAME_EXTENSIONS
+from dataset import DATASETS, DEFAULT_DATA_ROOT, VIDEO_DATASETS, dataset_root
 from utils.device import resolve_device
 from utils.errors import ArgumentParser, UserError, cli_entry
 from utils.flow_viz import flow_to_rgb
-from utils.io import image_is_complete, read_rgb, save_image_atomic
+from utils.io import frame_size, image_is_complete, list_frames, read_rgb, save_image_atomic
 
 RAFT_WEIGHTS = "raft_large_C_T_SKHT_V2-ff5fadd5.pth"
 RAFT_MIN_SIDE = 128  # its correlation pyramid needs 1/8-resolution features of at least 16 pixels
@@ -70,7 +70,7 @@ class RAFTFlow:
 
         if min(first[0].shape[:2]) < RAFT_MIN_SIDE:
             raise UserError(f"RAFT needs frames of at least {RAFT_MIN_SIDE}x{RAFT_MIN_SIDE} pixels, these are "
-                            f"{first[0].shape[0]}x{first[0].shape[1]} (use --method dis)")
+                            f"{first[0].shape[0]}x{first[0].shape[1]}; DIS works at any size")
         a, pads = pad_to_multiple(batch(first))
         b, _ = pad_to_multiple(batch(second))
         flow = self.model(a, b, num_flow_updates=self.iterations)[-1]
@@ -89,17 +89,11 @@ class DISFlow:
         return [self.dis.calc(grey[i], grey[n + i], None) for i in range(n)]
 
 
-def list_frames(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise UserError(f"frame folder not found: {folder}")
-    frames = sorted(p for p in folder.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS)
-    if not frames:
-        raise UserError(f"no frames (.jpg/.png) in {folder}")
-    return frames
-
-
 def video_flows(frames: list[Path], out_dir: Path, backend, batch_size: int = 4, progress: bool = True) -> int:
     """Write out_dir/<stem>.jpg for every frame (skipping complete ones); returns how many were computed."""
+    if frames and out_dir.resolve() == frames[0].parent.resolve():
+        raise UserError(f"flows would be written over the frames in {out_dir}; expected another output folder")
+    frame_size(frames)  # one size per video, checked before any work
     targets = [out_dir / f"{f.stem}.jpg" for f in frames]
     todo = [i for i, t in enumerate(targets) if not image_is_complete(t)] if out_dir.is_dir() else \
         list(range(len(frames)))
@@ -116,18 +110,15 @@ def video_flows(frames: list[Path], out_dir: Path, backend, batch_size: int = 4,
         decoded = {k: read_rgb(frames[k]) for pair in pairs for k in pair}  # each frame once per chunk
         first = [decoded[i] for i, _ in pairs]
         second = [decoded[j] for _, j in pairs]
-        if any(s.shape != first[0].shape for s in first + second):
-            raise UserError(f"frames of {frames[0].parent} differ in size (expected one size per video)")
         for (i, j), flow in zip(pairs, backend(first, second)):
             flow = flow if j > i else -flow
             save_image_atomic(Image.fromarray(flow_to_rgb(flow)), targets[i], quality=95)
     return len(todo)
 
 
-def dataset_videos(name: str, data_root: Path) -> list[tuple[Path, Path]]:
+def dataset_videos(name: str, root: Path) -> list[tuple[Path, Path]]:
     """(frame folder, flow folder) per video of a dataset, read from the image folders (flows may not exist)."""
     spec = DATASETS[name]
-    root = data_root / spec.folder
     images = root / spec.images
     if not images.is_dir():
         raise UserError(f"{spec.title}: missing folder {images} (expected layout {spec.layout()})")
@@ -155,23 +146,30 @@ def main(argv=None):
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--frames", help="a folder of frames (.jpg/.png)")
-    source.add_argument("--dataset", choices=[n for n in DATASETS if n != "duts"],
+    source.add_argument("--dataset", choices=VIDEO_DATASETS,
                         help="every video of a dataset; flows go to its JPEGFlows folder")
     parser.add_argument("--out", help="with --frames: folder for the flow images")
-    parser.add_argument("--data-root", default="../DB/VOS")
+    parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT, help=f"default {DEFAULT_DATA_ROOT}")
+    parser.add_argument("--dataset-root", metavar="DIR", help="with --dataset: its own folder (default "
+                                                              "DATA_ROOT/<its folder>, e.g. DATA_ROOT/DAVIS)")
     parser.add_argument("--method", choices=("auto", "raft", "dis"), default="auto",
                         help="auto: RAFT if weights are given or found in the working folder, else DIS")
     parser.add_argument("--raft-weights", help=f"torchvision RAFT-Large weights ({RAFT_WEIGHTS})")
     parser.add_argument("--iterations", type=int, default=20, help="RAFT refinement iterations (default 20)")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4, help="frame pairs per RAFT batch (default 4)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     if args.frames and not args.out:
         raise UserError("--frames needs --out FOLDER for the flow images")
+    if args.batch_size < 1 or args.iterations < 1:
+        raise UserError("--batch-size and --iterations must be at least 1")
     backend = make_flow_backend(args.method, args.raft_weights, resolve_device(args.device), args.iterations)
     print(f"optical flow: {backend.name}")
-    jobs = [(Path(args.frames), Path(args.out))] if args.frames else dataset_videos(args.dataset,
-                                                                                     Path(args.data_root))
+    if args.frames:
+        jobs = [(Path(args.frames), Path(args.out))]
+    else:
+        spec = DATASETS[args.dataset]
+        jobs = dataset_videos(args.dataset, dataset_root(spec, args.data_root, args.dataset_root))
     computed = sum(video_flows(list_frames(frames), out, backend, args.batch_size) for frames, out in jobs)
     print(f"wrote {computed} flow images for {len(jobs)} video(s)")
 

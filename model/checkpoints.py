@@ -122,7 +122,7 @@ def _checked_load(model: torch.nn.Module, state_dict: dict, path) -> None:
 
 
 def _backbone_mismatch(path, found: str, wanted: str) -> UserError:
-    return UserError(f"{Path(path).name} holds a {found} model; --backbone is {wanted} ({path})")
+    return UserError(f"{Path(path).name} holds a {found} model, not the {wanted} asked for ({path})")
 
 
 def load_depthflow(path, backbone: str | None = None, size: int | None = None, map_location="cpu") -> DepthFlow:
@@ -144,10 +144,10 @@ def load_depthflow(path, backbone: str | None = None, size: int | None = None, m
         eps, trained_size = HF_LAYER_NORM_EPS, 512
     elif fmt in ("hf-mit", "nvlabs-mit", "timm-mit"):
         raise UserError(f"{path} holds ImageNet MiT encoder weights ({fmt}), not a DepthFlow model; "
-                        f"pass it with --pretrained to start training, and --checkpoint a DepthFlow file")
+                        f"such weights only start a training run; a DepthFlow model file is expected here")
     else:
         raise UserError(f"{path} is not a DepthFlow checkpoint (expected a file from {RELEASED_HINT} "
-                        f"or one written by run.py --train)")
+                        f"or a training checkpoint of this project)")
     if backbone is not None and found != backbone:
         raise _backbone_mismatch(path, found, backbone)
     model = DepthFlow(found, size=size or trained_size, layer_norm_eps=eps)
@@ -194,8 +194,15 @@ def save_project_checkpoint(path, model: DepthFlow, **training_state) -> None:
     save_torch_atomic(payload, path)
 
 
-def read_project_checkpoint(path) -> dict:
-    obj = read_file(path, "a previous run.py --train (its output folder)")
+TRAINING_STATE = ("optimizer", "scaler", "epoch", "step", "best", "rng", "args")
+
+
+def read_project_checkpoint(path, training: bool = False) -> dict:
+    """A checkpoint in this project's format; with `training`, one that holds a whole training state."""
+    obj = read_file(path, "an earlier training run (its output folder)")
     if detect_format(obj) != "project":
-        raise UserError(f"{path} is not a training checkpoint written by run.py --train")
+        raise UserError(f"{path} is not a training checkpoint of this project")
+    if training and (missing := [k for k in TRAINING_STATE if k not in obj]):
+        raise UserError(f"{path} holds model weights but no training state (no {missing[0]!r}; converted files "
+                        "hold weights only): it can start a run, not continue one")
     return obj

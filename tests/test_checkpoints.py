@@ -115,14 +115,14 @@ def test_pretrained_formats_initialise_both_encoders(tmp_path, fmt):
 def test_pretrained_backbone_mismatch(tmp_path):
     path = tmp_path / "pytorch_model.bin"
     torch.save({f"segformer.{k}": v for k, v in _hf_encoder_state("mitb1").items()}, path)
-    with pytest.raises(Exception, match="holds a mitb1 model; --backbone is mitb0"):
+    with pytest.raises(Exception, match="holds a mitb1 model, not the mitb0 asked for"):
         load_pretrained_mit(DepthFlow("mitb0", size=64), path)
 
 
 def test_bad_checkpoint_error_at_the_command_line(released, tmp_path):
     _, good = released("mitb0")
     rc, _, err = run_cli("-m", "model.convert", good, tmp_path / "out.pth", "--backbone", "mitb2")
-    assert_one_line_error(rc, err, "DepthFlow_mitb0.pth holds a mitb0 model; --backbone is mitb2")
+    assert_one_line_error(rc, err, "DepthFlow_mitb0.pth holds a mitb0 model, not the mitb2 asked for")
 
 
 def test_bad_checkpoints_give_one_line_errors(released, tmp_path, capsys):
@@ -130,7 +130,7 @@ def test_bad_checkpoints_give_one_line_errors(released, tmp_path, capsys):
     out = tmp_path / "out.pth"
 
     rc, _, err = run_main(convert_cmd.main, good, out, "--backbone", "mitb1", capsys=capsys)
-    assert_one_line_error(rc, err, "DepthFlow_mitb0.pth holds a mitb0 model; --backbone is mitb1")
+    assert_one_line_error(rc, err, "DepthFlow_mitb0.pth holds a mitb0 model, not the mitb1 asked for")
 
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])

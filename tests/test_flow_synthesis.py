@@ -46,7 +46,7 @@ def test_dpt_weight_file_loads_strictly_and_predicts(tmp_path):
     depths = predict_depth(loaded, images, torch.device("cpu"))
     assert [d.shape for d in depths] == [(60, 90), (40, 40)]
     assert all(np.isfinite(d).all() and (d >= 0).all() for d in depths)
-    with pytest.raises(Exception, match="holds DPT-Hybrid weights; --dpt-model is large"):
+    with pytest.raises(Exception, match="holds DPT-Hybrid weights, not the DPT-Large asked for"):
         load_dpt(path, "large")
 
 

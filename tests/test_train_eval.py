@@ -175,7 +175,8 @@ def test_user_errors_are_one_line(toy_root, toy_copy, tmp_path, capsys):
     check("--test", "--checkpoint", tmp_path / "missing.pth", "--data-root", toy_root,
           expect=["checkpoint not found", str(tmp_path / "missing.pth")])
     check("--test", "--checkpoint", ckpt, "--backbone", "mitb7", expect=["invalid choice: 'mitb7'"])
-    check("--test", "--checkpoint", ckpt, "--backbone", "mitb1", expect=["holds a mitb0 model; --backbone is mitb1"])
+    check("--test", "--checkpoint", ckpt, "--backbone", "mitb1",
+          expect=["holds a mitb0 model, not the mitb1 asked for"])
     check("--test", "--checkpoint", ckpt, "--data-root", toy_root, "--datasets", "davis,kitti", "--output",
           tmp_path / "o", expect=["unknown test dataset 'kitti'"])
     check("--test", "--checkpoint", ckpt, "--data-root", toy_root, "--datasets", "ytvos", "--output", tmp_path / "o",

@@ -10,6 +10,7 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C
 
 
 def one_line(err: UserError) -> str:
@@ -21,7 +22,8 @@ def one_line(err: UserError) -> str:
 
 def cli_entry(main):
     """Run `main`; turn a UserError, or an OS error about a path (an output folder that cannot be created, a
-    full disk), into one line on stderr and exit code 2."""
+    full disk), into one line on stderr and exit code 2, and Ctrl-C into one line and exit code 130. Every
+    program writes its outputs atomically and as it goes, so what was finished before Ctrl-C is kept."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -36,6 +38,10 @@ def cli_entry(main):
             print(f"error: cannot use {err.filename}: {err.strerror or err} (check the path and its permissions)",
                   file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            print("error: interrupted; finished outputs are kept (a resumable command continues where it stopped)",
+                  file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
 

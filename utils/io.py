@@ -11,28 +11,44 @@ from PIL import Image, UnidentifiedImageError
 
 from utils.errors import UserError
 
+FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # read once: setting it to read it is not thread-safe
+
 
 @contextlib.contextmanager
 def atomic_path(path, durable: bool = True):
     """Yield a temporary path beside `path`; it replaces `path` only if the block finishes.
 
-    Readers never see a half-written file, and an interrupted write leaves the old file intact. `durable`
-    also flushes the file to disk first, so a power cut cannot leave an empty file under the final name;
-    outputs that are cheap to make again (masks) skip it, as it costs more than writing them.
+    Readers never see a half-written file, and an interrupted write leaves the old file intact. The
+    temporary name is fixed (`.NAME.tmp`), so a write killed outright leaves at most one stray file, which
+    the next write of the same path replaces. The result gets the usual permissions (0666 less the umask).
+    `durable` also flushes the file to disk first, so a power cut cannot leave an empty file under the
+    final name; outputs that are cheap to make again (masks) skip it, as it costs more than writing them.
+    Errors name `path`, not the temporary file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        yield Path(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
         if durable:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def save_torch_atomic(obj, path):
@@ -89,3 +105,34 @@ def image_is_complete(path) -> bool:
         return True
     except (OSError, UnidentifiedImageError, SyntaxError):
         return False
+
+
+def list_frames(folder) -> list[Path]:
+    """The frames of a video folder (.jpg/.png), in name order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"frame folder not found: {folder}")
+    frames = sorted(p for p in folder.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS)
+    if not frames:
+        raise UserError(f"no frames (.jpg/.png) in {folder}")
+    return frames
+
+
+def frame_size(frames: list[Path], min_side: int = 1) -> tuple[int, int]:
+    """(height, width) shared by every frame, read from the headers; a frame that is no image, smaller than
+    `min_side`, or of another size stops the run before any work."""
+    sizes = {}
+    for path in frames:
+        try:
+            with Image.open(path) as img:
+                sizes.setdefault(img.size, path)
+        except (OSError, UnidentifiedImageError, SyntaxError) as err:
+            raise UserError(f"unreadable frame {path} ({err})") from None
+    if len(sizes) > 1:
+        (a, pa), (b, pb) = list(sizes.items())[:2]
+        raise UserError(f"frames differ in size: {pa} is {a[0]}x{a[1]}, {pb} is {b[0]}x{b[1]} "
+                        f"(expected one size per video)")
+    (w, h), path = next(iter(sizes.items()))
+    if min(w, h) < min_side:
+        raise UserError(f"frame {path} is {w}x{h}; expected at least {min_side}x{min_side} pixels")
+    return h, w
