@@ -62,14 +62,27 @@ class DepthFolder:
                 return self.folder / f"{stem}{ext}"
         return None
 
+    @staticmethod
+    def _read(path: Path) -> np.ndarray:
+        if path.suffix == ".png":
+            return np.asarray(read_image(path), dtype=np.float32)
+        try:
+            depth = np.load(path, allow_pickle=False)  # a pickled .npy could run code
+        except (ValueError, OSError, EOFError) as err:
+            raise UserError(f"depth map {path} is not a plain numeric .npy array ({err})") from None
+        if not isinstance(depth, np.ndarray) or not np.issubdtype(depth.dtype, np.number):
+            raise UserError(f"depth map {path} holds {getattr(depth, 'dtype', type(depth))}, expected numbers")
+        return depth.astype(np.float32)
+
     def __call__(self, stems, images):
         out = []
         for stem, rgb in zip(stems, images):
             path = self._path(stem)
-            depth = np.load(path) if path.suffix == ".npy" else np.asarray(read_image(path), dtype=np.float32)
-            depth = np.squeeze(depth).astype(np.float32)
+            depth = np.squeeze(self._read(path))
             if depth.ndim != 2:
                 raise UserError(f"depth map {path} has shape {depth.shape}, expected one channel (H x W)")
+            if not np.isfinite(depth).all():
+                raise UserError(f"depth map {path} holds NaN or infinite values (expected finite depths)")
             if depth.shape != rgb.shape[:2]:  # other estimators may work at their own resolution
                 depth = cv2.resize(depth, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
             out.append(depth)

@@ -1,0 +1,296 @@
+"""Careless or hostile use never gives a silent wrong result, never loses finished work, and ends in one line."""
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import run
+from dataset import DATASETS, scan
+from flow_synthesis.__main__ import main as synth_main
+from flow_synthesis.video_flow import main as flow_main
+from model import DepthFlow
+from model.checkpoints import read_project_checkpoint, save_project_checkpoint
+from tests.conftest import ROOT, assert_one_line_error, run_main
+from trainer import GlobalBatches, train
+from utils import distributed
+from utils.io import save_image_atomic, write_text_atomic
+
+
+def _train_args(toy_root, out, *extra):
+    return ["--train", "--backbone", "mitb0", "--size", "32", "--stage", "2", "--datasets", "duts:8,davis_train:8",
+            "--batch-size", "4", "--lr", "1e-4", "--workers", "0", "--device", "cpu", "--val-every", "0",
+            "--checkpoint-every", "1", "--epochs", "2", "--data-root", toy_root, "--output", out, *extra]
+
+
+@pytest.fixture
+def check(capsys):
+    def check(main, *argv, expect):
+        code, _, err = run_main(main, *argv, capsys=capsys)
+        assert_one_line_error(code, err, *expect)
+
+    return check
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--epochs", "0"), ("--epochs", "-3"), ("--checkpoint-every", "0"),
+                                             ("--save-every", "-1"), ("--batch-size", "0"), ("--val-every", "-2")])
+def test_numbers_that_would_silently_do_something_else(toy_root, tmp_path, check, flag, value):
+    check(run.main, *_train_args(toy_root, tmp_path / "t"), flag, value, expect=[f"{flag} {value}", "at least"])
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_learning_rate_that_is_not_a_number(toy_root, tmp_path, check):
+    check(run.main, *_train_args(toy_root, tmp_path / "t"), "--lr", "nan", expect=["--lr nan", "positive finite"])
+
+
+@pytest.mark.parametrize("name", ["davis", "fbms"])
+def test_a_test_set_is_not_a_training_source(toy_root, tmp_path, check, name):
+    check(run.main, *_train_args(toy_root, tmp_path / "t"), "--datasets", f"{name}:8",
+          expect=[f"{name!r} is not a training set", "test set", "davis_train"])
+
+
+def test_an_output_folder_holding_a_run_is_not_mixed_with_another(toy_root, tmp_path, check):
+    out = tmp_path / "run"
+    assert run.main(list(map(str, _train_args(toy_root, out, "--epochs", "1")))) is None
+    first = read_project_checkpoint(out / "last.pth")["model"]
+    check(run.main, *_train_args(toy_root, out, "--seed", "5"), expect=[f"{out} holds an earlier run", "--resume",
+                                                                        "--overwrite"])
+    assert all(torch.equal(first[k], v) for k, v in read_project_checkpoint(out / "last.pth")["model"].items())
+    assert run.main(list(map(str, _train_args(toy_root, out, "--seed", "5", "--overwrite")))) is None
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]  # the first run's lines are gone, not mixed in
+    assert read_project_checkpoint(out / "last.pth")["args"]["seed"] == 5
+
+
+def test_resume_refuses_other_batches_and_weights_only_files(toy_root, tmp_path, check):
+    out = tmp_path / "run"
+    assert run.main(list(map(str, _train_args(toy_root, out, "--epochs", "1")))) is None
+    for flag, value, shown in (("--batch-size", "8", "--batch-size 4"), ("--seed", "3", "--seed 0"),
+                               ("--datasets", "duts:16", "--datasets duts:8,davis_train:8")):
+        argv = [a for a in _train_args(toy_root, out, "--resume") if a not in ("duts:8,davis_train:8",)]
+        argv = [*argv[:argv.index("--datasets")], *argv[argv.index("--datasets") + 1:]]
+        check(run.main, *argv, "--datasets", "duts:8,davis_train:8", flag, value,
+              expect=[f"{out / 'last.pth'} was trained with {shown}", "same batches"])
+    converted = tmp_path / "weights.pth"
+    save_project_checkpoint(converted, DepthFlow("mitb0", size=32))
+    check(run.main, *_train_args(toy_root, tmp_path / "other", "--resume", converted),
+          expect=[str(converted), "no training state", "not continue"])
+
+
+def _first_use_of_each_flow(source, epochs: int) -> dict:
+    """flow path -> (epoch, steps done before the first batch that reads it), for davis_train:8, batch 4."""
+    import random
+
+    plan = GlobalBatches(8, 4, 0, distributed.Context(0, 1, torch.device("cpu")))
+    first = {}
+    for epoch in range(epochs):
+        for step, batch in enumerate(plan.epoch(epoch)):
+            for e, i in batch:
+                rng = random.Random(f"0/{e}/{i}")  # as TrainingFrames draws (seed 0)
+                first.setdefault(rng.choice(rng.choice(source.annotated)).flow, (epoch, step))
+    return first
+
+
+def test_a_corrupt_file_found_mid_training_keeps_the_work_done(toy_copy, tmp_path, check):
+    """The flow first read latest in the run is truncated: the run stops with one line, last.pth holds every
+    finished step (checkpoints were otherwise due only at the end), and --resume after the repair ends where
+    a clean run ends."""
+    from dataset import Source
+
+    args = ["--datasets", "davis_train:8", "--checkpoint-every", "5", "--epochs", "3"]
+    clean = tmp_path / "clean"
+    train(run.parse_args(list(map(str, _train_args(toy_copy, clean, *args)))))
+    source = Source(DATASETS["davis_train"], scan(DATASETS["davis_train"], toy_copy / "DAVIS"), 8)
+    first = _first_use_of_each_flow(source, 3)
+    victim = max(first, key=first.get)
+    epoch, step = first[victim]
+    assert (epoch, step) > (0, 0)
+    backup = victim.read_bytes()
+    victim.write_bytes(backup[:200])
+    out = tmp_path / "broken"
+    check(run.main, *_train_args(toy_copy, out, *args),
+          expect=["truncated", str(victim), f"saved {out / 'last.pth'} at epoch {epoch + 1}, step {step}",
+                  "--resume"])
+    state = read_project_checkpoint(out / "last.pth")
+    assert (state["epoch"], state["step"]) == (epoch, step)
+    victim.write_bytes(backup)
+    train(run.parse_args(list(map(str, _train_args(toy_copy, out, *args, "--resume")))))
+    a, b = (read_project_checkpoint(p / "last.pth")["model"] for p in (clean, out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_data_of_mismatched_sizes_stops(toy_copy, tmp_path, check):
+    for mask in (toy_copy / "DAVIS/Annotations/480p/train00").glob("*.png"):
+        Image.open(mask).resize((48, 32)).save(mask)
+    check(run.main, *_train_args(toy_copy, tmp_path / "t", "--datasets", "davis_train:8"),
+          expect=["mask", "is 48x32, its frame", "is 96x64", "expected equal sizes"])
+
+
+def test_resume_log_has_no_repeated_epochs(toy_root, tmp_path):
+    """Resuming from an earlier snapshot drops the log lines of the epochs it trains again."""
+    out = tmp_path / "run"
+    train(run.parse_args(list(map(str, _train_args(toy_root, out, "--epochs", "3", "--save-every", "2")))))
+    train(run.parse_args(list(map(str, _train_args(toy_root, out, "--epochs", "3", "--resume",
+                                                   out / "epoch_00002.pth")))))
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+
+
+def test_a_two_process_run_resumes_in_one_process(toy_root, tmp_path):
+    """Global batches do not depend on the process count: 2 processes for epoch 1, then 1 for epoch 2, ends
+    where one process alone ends (up to the order of float sums in the averaged gradients)."""
+    straight = train(run.parse_args(list(map(str, _train_args(toy_root, tmp_path / "one", "--lr", "1e-5")))))
+    mixed = tmp_path / "mixed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29541",
+               "run.py", *map(str, _train_args(toy_root, mixed, "--lr", "1e-5", "--epochs", "1"))]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert read_project_checkpoint(mixed / "last.pth")["epoch"] == 1
+    train(run.parse_args(list(map(str, _train_args(toy_root, mixed, "--lr", "1e-5", "--resume")))))
+    a, b = (read_project_checkpoint(p / "last.pth")["model"] for p in (straight, mixed))
+    start = DepthFlow("mitb0", size=32).state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-4  # it did train
+
+
+def test_global_batches_are_the_same_for_any_process_count():
+    def merged(world):
+        ranks = [GlobalBatches(20, 8, 3, distributed.Context(r, world, torch.device("cpu"))).epoch(2)
+                 for r in range(world)]
+        return [sum((ranks[r][step] for r in range(world)), []) for step in range(len(ranks[0]))]
+
+    one, two, four = merged(1), merged(2), merged(4)
+    assert one == two == four and [len(b) for b in one] == [8, 8, 4]
+    assert sorted(i for b in one for _, i in b) == list(range(20)) and {e for b in one for e, _ in b} == {2}
+    assert merged(1) != [sum((GlobalBatches(20, 8, 3, distributed.Context(0, 1, torch.device("cpu"))).epoch(3)),
+                             [])]
+
+
+def test_dataset_lists_and_short_videos(toy_copy, tmp_path, check):
+    listing = toy_copy / "DAVIS/ImageSets/2016/val.txt"
+    listing.write_text("val00\nval01\nval00\n")
+    check(run.main, "--test", "--checkpoint", _tiny(tmp_path), "--data-root", toy_copy, "--device", "cpu",
+          "--output", tmp_path / "o", expect=[str(listing), "'val00' twice"])
+    listing.write_text("val00\nval01\n")
+    for frame in sorted((toy_copy / "DAVIS/JPEGImages/480p/val01").glob("*.jpg"))[2:]:
+        for folder in ("JPEGImages", "JPEGFlows"):
+            (toy_copy / "DAVIS" / folder / "480p/val01" / frame.name).unlink()
+        (toy_copy / "DAVIS/Annotations/480p/val01" / frame.with_suffix(".png").name).unlink()
+    check(run.main, "--test", "--checkpoint", _tiny(tmp_path), "--data-root", toy_copy, "--device", "cpu",
+          "--output", tmp_path / "o", expect=["val01", "has 2 frames", "at least 3"])
+    check(run.main, "--test", "--checkpoint", _tiny(tmp_path), "--data-root", toy_copy, "--device", "cpu",
+          "--datasets", ",", "--output", tmp_path / "o", expect=["--datasets names no dataset"])
+
+
+def _tiny(tmp_path):
+    path = tmp_path / "tiny.pth"
+    if not path.exists():
+        save_project_checkpoint(path, DepthFlow("mitb0", size=32))
+    return path
+
+
+def test_a_second_video_does_not_reuse_the_first_ones_outputs(toy_root, tmp_path, check):
+    a, b = tmp_path / "A" / "clip", tmp_path / "B" / "clip"
+    shutil.copytree(toy_root / "LVID/JPEGImages/lvid00", a)
+    shutil.copytree(toy_root / "LVID/JPEGImages/lvid01", b)
+    common = ["--checkpoint", _tiny(tmp_path), "--device", "cpu", "--workers", "0"]
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # the default output folder, demo_out/clip, is the same for both
+    try:
+        assert run.main(["--demo", str(a), *map(str, common)]) is None
+        flows_a = (tmp_path / "demo_out/clip/flows/00000.jpg").read_bytes()
+        check(run.main, "--demo", b, *common, expect=["demo_out/clip holds the demo of", str(a), "--overwrite"])
+        assert (tmp_path / "demo_out/clip/flows/00000.jpg").read_bytes() == flows_a
+        assert run.main(["--demo", str(b), *map(str, common), "--overwrite"]) is None
+        assert (tmp_path / "demo_out/clip/flows/00000.jpg").read_bytes() != flows_a
+    finally:
+        os.chdir(cwd)
+
+
+def test_demo_frames_that_cannot_be_segmented(tmp_path, check):
+    corrupt, tiny = tmp_path / "corrupt", tmp_path / "tiny"
+    corrupt.mkdir()
+    tiny.mkdir()
+    Image.new("RGB", (64, 48)).save(corrupt / "00000.jpg")
+    (corrupt / "00001.jpg").write_bytes(b"not a jpeg")
+    Image.new("RGB", (1, 1)).save(tiny / "00000.png")
+    common = ["--checkpoint", _tiny(tmp_path), "--device", "cpu"]
+    check(run.main, "--demo", corrupt, *common, "--output", tmp_path / "o1", expect=["unreadable frame",
+                                                                                   str(corrupt / "00001.jpg")])
+    check(run.main, "--demo", tiny, *common, "--output", tmp_path / "o2", expect=["is 1x1", "at least 16x16"])
+
+
+def test_flow_commands_refuse_what_would_do_nothing_or_harm(toy_root, tmp_path, check):
+    frames = tmp_path / "frames"
+    shutil.copytree(toy_root / "LVID/JPEGImages/lvid00", frames)
+    check(flow_main, "--frames", frames, "--out", frames, "--method", "dis",
+          expect=["written over the frames", str(frames)])
+    check(flow_main, "--frames", frames, "--out", tmp_path / "f", "--batch-size", "0", expect=["--batch-size"])
+    duts = ["--duts", toy_root / "DUTS-TR", "--out", tmp_path / "v2", "--depth-dir", toy_root / "DUTS-TR/DUTS-TR-Depth"]
+    check(synth_main, *duts, "--batch-size", "0", expect=["--batch-size 0"])
+    check(synth_main, *duts, "--gamma-range", "2", "0.5", expect=["--gamma-range 2.0 0.5", "LOW <= HIGH"])
+
+
+@pytest.mark.parametrize("content", ["object", "nan"])
+def test_depth_maps_that_are_not_plain_numbers(toy_root, tmp_path, check, content):
+    depth = tmp_path / "depth"
+    shutil.copytree(toy_root / "DUTS-TR/DUTS-TR-Depth", depth)
+    victim = sorted(depth.glob("*.png"))[0]
+    victim.unlink()
+    npy = victim.with_suffix(".npy")
+    if content == "object":
+        np.save(npy, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    else:
+        np.save(npy, np.full((64, 96), np.nan, np.float32))
+    check(synth_main, "--duts", toy_root / "DUTS-TR", "--out", tmp_path / "v2", "--depth-dir", depth,
+          expect=[str(npy), "not a plain numeric" if content == "object" else "NaN"])
+
+
+def test_ctrl_c_in_test_keeps_the_finished_datasets(toy_root, tmp_path):
+    out = tmp_path / "o"
+    command = [sys.executable, "run.py", "--test", "--checkpoint", str(_tiny(tmp_path)), "--data-root",
+               str(toy_root), "--datasets", "davis,ytobj", "--output", str(out), "--device", "cpu", "--workers", "1",
+               "--batch-size", "1"]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "results.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    results = json.loads((out / "results.json").read_text())
+    if proc.returncode == 0:
+        pytest.skip("the run finished before Ctrl-C arrived")
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert [line for line in stderr.splitlines() if line.strip()][-1].startswith("error: interrupted")
+    assert "davis" in results and results["davis"]["metrics"]["J&F-Mean"] >= 0
+
+
+def test_atomic_writes_name_the_users_path_and_follow_the_umask(tmp_path):
+    target = tmp_path / "out.json"
+    write_text_atomic("{}\n", target)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~_current_umask()
+    (tmp_path / ".out.png.tmp").write_text("left by a killed run")
+    save_image_atomic(Image.new("L", (4, 4)), tmp_path / "out.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "out.png"]
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError) as err:
+        write_text_atomic("x", blocker / "sub" / "r.json")
+    assert err.value.filename == str(blocker / "sub" / "r.json")
+
+
+def _current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
