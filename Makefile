@@ -20,7 +20,7 @@ test: lint
 
 # The whole method on toy data: toy datasets, synthetic DUTSv2 flows, both training stages, all test sets.
 demo: setup
-	$(PY) -m utils.toy_demo
+	$(PY) -m tools.toy_demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache toy_demo bench_results

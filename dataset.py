@@ -1,4 +1,4 @@
-"""Datasets in the layouts of the authors' pre-processed archives (REFERENCE.md section 3).
+"""Datasets in the layouts of the authors' pre-processed archives (README, 'Data').
 
 Every dataset is described by a DatasetSpec (data, not code). `scan` validates a layout up front by names
 and file sizes only, so a missing or mismatched file stops a run before it starts, not an hour into it.

@@ -129,7 +129,7 @@ class Segmenter:
         forward = self.model.forward_internal
         self.network = torch.compile(forward, dynamic=False) if options.compile else forward
         self.on_gpu = self.device.type == "cuda"
-        # Masks are made where the network runs on a GPU; utils.bench also sets this on a CPU, to measure
+        # Masks are made where the network runs on a GPU; tools.bench also sets this on a CPU, to measure
         # what feeding a GPU costs the host.
         self.masks_on_device = self.on_gpu
         self.fixed_shapes = self.on_gpu or options.compile

@@ -1,4 +1,4 @@
-"""Training-sample transforms (REFERENCE.md section 2): resize to the square training size with each
+"""Training-sample transforms (README, 'Training'): resize to the square training size with each
 dataset's mask rule, then joint horizontal and vertical flips of image, flow and mask.
 
 The flow image is flipped as pixels, its colours are not remapped: that is what the reference trains on.

@@ -171,7 +171,7 @@ class DPT(nn.Module):
 
 def load_dpt(path, variant: str | None = None) -> DPT:
     """Build DPT and load an official weight file strictly. The variant is read from the file if not given."""
-    from model.checkpoints import read_file
+    from model.checkpoints import load_strictly, read_file
 
     hint = "the DPT/MiDaS release: " + ", ".join(f for s in DPT_SPECS.values() for f in s.weight_files)
     state = read_file(path, hint)
@@ -181,10 +181,7 @@ def load_dpt(path, variant: str | None = None) -> DPT:
     if variant and variant != found:
         raise UserError(f"{path} holds DPT-{found.capitalize()} weights, not the DPT-{variant.capitalize()} asked for")
     model = DPT(found)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise UserError(f"{path} does not fit DPT-{found.capitalize()}: missing {result.missing_keys[:3]}, "
-                        f"unexpected {result.unexpected_keys[:3]}")
+    load_strictly(model, state, path, f"DPT-{found.capitalize()}")
     return model.eval()
 
 

@@ -51,14 +51,11 @@ class RAFTFlow:
     def __init__(self, weights, device, iterations: int = 20):
         from torchvision.models.optical_flow import raft_large
 
-        from model.checkpoints import read_file
+        from model.checkpoints import load_strictly, read_file
 
         state = read_file(weights, f"torchvision's {RAFT_WEIGHTS} (see README, 'Optical flow for videos')")
         self.model = raft_large(weights=None)
-        try:
-            self.model.load_state_dict(state)
-        except RuntimeError as err:
-            raise UserError(f"{weights} is not a RAFT-Large state dict ({str(err).splitlines()[0]})") from None
+        load_strictly(self.model, state, weights, "torchvision's RAFT-Large")
         self.model.eval().to(device)
         self.device, self.iterations = device, iterations
 

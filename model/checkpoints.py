@@ -109,16 +109,16 @@ def model_to_released(state_dict: dict, backbone: str) -> dict:
     return out
 
 
-def _checked_load(model: torch.nn.Module, state_dict: dict, path) -> None:
+def load_strictly(model: torch.nn.Module, state_dict: dict, path, network: str) -> None:
+    """Every parameter present, none left over, every shape right; otherwise one line naming the file."""
     try:
         result = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as err:  # shape mismatches
         detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
-        raise UserError(f"{path} does not fit the DepthFlow network: {detail}") from None
+        raise UserError(f"{path} does not fit {network}: {detail}") from None
     if result.missing_keys or result.unexpected_keys:
-        raise UserError(
-            f"{path} does not fit the DepthFlow network: missing {result.missing_keys[:3]}, "
-            f"unexpected {result.unexpected_keys[:3]}")
+        raise UserError(f"{path} does not fit {network}: missing {result.missing_keys[:3]}, "
+                        f"unexpected {result.unexpected_keys[:3]}")
 
 
 def _backbone_mismatch(path, found: str, wanted: str) -> UserError:
@@ -151,7 +151,7 @@ def load_depthflow(path, backbone: str | None = None, size: int | None = None, m
     if backbone is not None and found != backbone:
         raise _backbone_mismatch(path, found, backbone)
     model = DepthFlow(found, size=size or trained_size, layer_norm_eps=eps)
-    _checked_load(model, state_dict, path)
+    load_strictly(model, state_dict, path, "the DepthFlow network")
     return model.to(map_location)
 
 

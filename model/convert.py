@@ -7,6 +7,7 @@
 import argparse
 
 from model.checkpoints import load_depthflow, model_to_released, save_project_checkpoint
+from model.mit import BACKBONES
 from utils.errors import ArgumentParser, cli_entry
 from utils.io import save_torch_atomic
 
@@ -17,7 +18,7 @@ def main(argv=None):
     parser.add_argument("input", help="released or project checkpoint")
     parser.add_argument("output", help="file to write (atomically)")
     parser.add_argument("--to", choices=("project", "released"), default="project")
-    parser.add_argument("--backbone", choices=("mitb0", "mitb1", "mitb2"), help="check the input's backbone")
+    parser.add_argument("--backbone", choices=BACKBONES, help="check the input's backbone")
     args = parser.parse_args(argv)
     model = load_depthflow(args.input, backbone=args.backbone)
     if args.to == "project":

@@ -46,7 +46,7 @@ def _deterministic():
 @pytest.fixture(scope="session")
 def toy_root(tmp_path_factory):
     """A read-only toy data tree shared by the session; copy it (toy_copy) before changing it."""
-    from utils.toydata import generate
+    from tools.toydata import generate
 
     return generate(tmp_path_factory.mktemp("toy"), seed=0, size=(64, 96), videos=2, frames=8)
 

@@ -12,7 +12,7 @@ from model.checkpoints import (
 )
 from model.mit_keys import convert
 from tests.conftest import assert_one_line_error, run_cli, run_main
-from tests.reference_net import random_reference
+from tools.reference_net import random_reference
 
 BACKBONE_SEEDS = {"mitb0": 0, "mitb1": 1, "mitb2": 2}
 

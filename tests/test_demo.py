@@ -93,7 +93,7 @@ def test_toy_pipeline_runs_every_step(tmp_path):
     from tests.conftest import run_cli
 
     out = tmp_path / "toy_demo"
-    rc, stdout, err = run_cli("-m", "utils.toy_demo", "--out", out, "--stage1-epochs", "1", "--stage2-epochs", "1",
+    rc, stdout, err = run_cli("-m", "tools.toy_demo", "--out", out, "--stage1-epochs", "1", "--stage2-epochs", "1",
                               timeout=900)
     assert rc == 0, err[-2000:]
     assert stdout.strip().splitlines()[-1].startswith("toy DAVIS 2016 val J&F: ")
@@ -108,7 +108,7 @@ def test_unwritable_outputs_are_one_line_errors(toy_root, checkpoint, tmp_path, 
     from evaluator import main as evaluator_main
     from flow_synthesis.__main__ import main as synth_main
     from flow_synthesis.video_flow import main as flow_main
-    from utils.toydata import main as toydata_main
+    from tools.toydata import main as toydata_main
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")

@@ -18,7 +18,7 @@ from model import DepthFlow
 from model.winograd import WinogradConv2d, use_winograd, winograd_available
 from run import main as run_main_cli
 from tests.conftest import assert_one_line_error, run_main
-from utils import bench
+from tools import bench
 from utils.errors import UserError
 from utils.metrics import jaccard
 

@@ -13,9 +13,9 @@ from flow_synthesis.dpt import DPT, input_size, load_dpt, predict_depth
 from flow_synthesis.duts import DepthFolder, convert
 from flow_synthesis.video_flow import DISFlow, RAFTFlow, crop_padding, pad_to_multiple, video_flows
 from tests.conftest import assert_one_line_error, run_main
+from tools.toydata import render_still, texture
 from utils.flow_viz import flow_to_rgb
 from utils.io import image_is_complete
-from utils.toydata import render_still, texture
 
 
 @pytest.mark.parametrize(("variant", "millions"), [("hybrid", 123.15), ("large", 344.06)])

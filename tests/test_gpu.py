@@ -19,7 +19,7 @@ from PIL import Image
 import run
 from model.checkpoints import load_depthflow, save_project_checkpoint
 from model.depthflow import DepthFlow, class_masks
-from tests.reference_net import random_reference
+from tools.reference_net import random_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

@@ -4,7 +4,7 @@ from timm.models.pvt_v2 import checkpoint_filter_fn
 
 from model import MiTEncoder
 from model.mit_keys import KeyMismatch, convert, expected_keys, infer_backbone
-from tests.reference_net import hf_config
+from tools.reference_net import hf_config
 
 
 @pytest.mark.parametrize("backbone", ["mitb0", "mitb1", "mitb2"])

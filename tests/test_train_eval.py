@@ -209,7 +209,7 @@ def test_truncated_frame_error_at_the_command_line(toy_copy, tmp_path):
 
 
 def test_peak_memory_is_flat_in_video_length(tmp_path):
-    from utils.toydata import generate
+    from tools.toydata import generate
 
     ckpt = tmp_path / "small.pth"
     save_project_checkpoint(ckpt, DepthFlow("mitb0", size=32))

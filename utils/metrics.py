@@ -3,7 +3,7 @@
 DAVIS 2016: per-frame J (region IoU) and F (boundary F-measure), first and last frame of each sequence
 dropped, per-sequence Mean / Recall / Decay with the toolkit's rules, dataset figures averaged over
 sequences. FBMS, YouTube-Objects and Long-Videos: J on frames whose ground truth is non-empty, averaged per
-sequence and then over sequences (REFERENCE.md section 4).
+sequence and then over sequences (README, 'Metrics').
 """
 
 import math

@@ -23,7 +23,7 @@ def davis_palette() -> list[int]:
 
 DAVIS_PALETTE = davis_palette()
 
-# How each dataset's annotation files become object masks (REFERENCE.md section 3).
+# How each dataset's annotation files become object masks (README, 'Data').
 MASK_RULES = ("nonzero", "grey")
 
 

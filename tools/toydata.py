@@ -1,6 +1,6 @@
-"""Small synthetic versions of every dataset, in exactly the real layouts (REFERENCE.md section 3).
+"""Small synthetic versions of every dataset, in exactly the real layouts (README, 'Data').
 
-    python -m utils.toydata ROOT [--seed S --size HxW --videos N --frames F --datasets davis,fbms,...]
+    python -m tools.toydata ROOT [--seed S --size HxW --videos N --frames F --datasets davis,fbms,...]
 
 Each video is a textured background seen by a moving camera, with a textured object that moves on its
 own. The flow image is rendered from the true motion with the colour wheel; masks are palette or grey

@@ -1,8 +1,9 @@
-"""An independent reference DepthFlow for tests, built the way the authors built theirs.
+"""An independent reference DepthFlow for the tests and the benchmark, built the way the authors built theirs.
 
 Encoders are HF transformers 4.x SegformerModel (explicit attention, LayerNorm eps 1e-5); the decoder is a
-separate, plain implementation of REFERENCE.md section 1. Its state_dict() is a released-format checkpoint
-(`vos.app_encoder.backbone.encoder.*`, `vos.decoder.*`, ...), so a file saved from it is what the authors ship.
+separate, plain implementation of the architecture in README 'Architecture'. Its state_dict() is a
+released-format checkpoint (`vos.app_encoder.backbone.encoder.*`, `vos.decoder.*`, ...), so a file saved
+from it is what the authors ship. It needs transformers 4.x (requirements-test.txt).
 """
 
 import torch

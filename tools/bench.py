@@ -1,6 +1,6 @@
 """Speed and memory of DepthFlow, written as JSON and a markdown table.
 
-    python -m utils.bench [--device cpu|cuda] [--out bench_results] [--quick] [--checkpoint FILE]
+    python -m tools.bench [--device cpu|cuda] [--out bench_results] [--quick] [--checkpoint FILE]
 
 Measures, on the chosen device:
 - model forward frames/s for MiT-B0/B1/B2 at 512x512, batch 1 and batched, in float32, channels-last,
@@ -8,7 +8,7 @@ Measures, on the chosen device:
   (mean IoU of the object masks) and, on GPU, peak device memory;
 - a training step (forward, backward, Adam) per backbone;
 - end-to-end `--test` frames/s on a toy video set, against a reference-style loop (the independent HF-based
-  reference network of tests/reference_net.py, whole video in memory, one frame at a time, masks written
+  reference network of tools/reference_net.py, whole video in memory, one frame at a time, masks written
   in the loop, as the upstream code does) with the same weights, with peak host memory of each;
 - FLOPs per frame, so throughput can be read against the device's peak.
 --quick shrinks everything (MiT-B0, 64x64, few iterations) for the test suite.
@@ -160,10 +160,10 @@ def bench_end_to_end(device, size, quick, workers, backbone="mitb0", frames=None
     from evaluator import evaluate_dataset
     from inference import Segmenter
     from model.checkpoints import released_to_model
-    from utils.toydata import generate
+    from tools.toydata import generate
 
     try:
-        from tests.reference_net import random_reference
+        from tools.reference_net import random_reference
     except ImportError:
         return None
     root = Path(tempfile.mkdtemp(prefix="depthflow-bench-"))
@@ -251,8 +251,8 @@ def bench_host_pipeline(device, workers: int, frames: int, batch_size: int) -> l
     from dataset import DATASETS, scan
     from evaluator import evaluate_dataset
     from inference import InferenceOptions, Segmenter
+    from tools.toydata import generate
     from utils.device import available_cores
-    from utils.toydata import generate
 
     root = Path(tempfile.mkdtemp(prefix="depthflow-host-"))
     try:
@@ -313,7 +313,7 @@ def markdown(report: dict) -> str:
 
 @cli_entry
 def main(argv=None):
-    parser = ArgumentParser(prog="python -m utils.bench", description=__doc__)
+    parser = ArgumentParser(prog="python -m tools.bench", description=__doc__)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="bench_results", help="folder for bench.json and bench.md")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")

@@ -1,6 +1,6 @@
 """The whole method on toy data, end to end, on a CPU in minutes (`make demo`).
 
-1. utils.toydata writes synthetic versions of every dataset (and DUTS-TR with depth maps);
+1. tools.toydata writes synthetic versions of every dataset (and DUTS-TR with depth maps);
 2. flow_synthesis turns the toy DUTS-TR depth maps into a DUTSv2 of synthetic flows (the method's data);
 3. run.py --train, stage 1 on toy YouTube-VOS;
 4. run.py --train, stage 2 from stage 1 on the synthesised DUTSv2 + toy DAVIS train;
@@ -35,7 +35,7 @@ def step(title: str, args: list) -> None:
 
 @cli_entry
 def main(argv=None):
-    parser = ArgumentParser(prog="python -m utils.toy_demo", description=__doc__)
+    parser = ArgumentParser(prog="python -m tools.toy_demo", description=__doc__)
     parser.add_argument("--out", default="toy_demo", help="working folder, recreated (default toy_demo)")
     parser.add_argument("--stage1-epochs", type=int, default=40)
     parser.add_argument("--stage2-epochs", type=int, default=60)
@@ -45,7 +45,7 @@ def main(argv=None):
     shutil.rmtree(out, ignore_errors=True)
     data, synthetic = out / "data", out / "data" / "DUTSv2-synth"
     common = [*TOY_SCALE, "--seed", args.seed, "--data-root", data]
-    step("toy datasets", ["-m", "utils.toydata", data, "--seed", args.seed, "--videos", "8", "--frames", "12"])
+    step("toy datasets", ["-m", "tools.toydata", data, "--seed", args.seed, "--videos", "8", "--frames", "12"])
     step("DUTS-TR depth -> synthetic flow (DUTSv2)", ["-m", "flow_synthesis", "--duts", data / "DUTS-TR", "--out",
                                                       synthetic, "--depth-dir", data / "DUTS-TR/DUTS-TR-Depth"])
     step("training, stage 1 (YouTube-VOS)",
