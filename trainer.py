@@ -209,10 +209,9 @@ class TrainingRun:
 
     def _resume_state(self) -> dict | None:
         """The checkpoint to continue, checked against this run; or None for a fresh run in an unused folder."""
-        args, ctx = self.args, self.ctx
+        args = self.args
         if not args.resume:
-            if ctx.is_main:
-                self._claim_output()
+            self._claim_output()
             return None
         path = self.output / "last.pth" if args.resume == "last" else Path(args.resume)
         if not path.is_file():
@@ -229,13 +228,15 @@ class TrainingRun:
         return state
 
     def _claim_output(self) -> None:
-        check_writable(self.output)
+        """Every rank checks (so all stop together); rank 0 clears an earlier run that --overwrite replaces."""
         found = [name for name in RUN_FILES if (self.output / name).exists()]
         if found and not self.args.overwrite:
             raise UserError(f"{self.output} holds an earlier run ({found[0]}); continue it with --resume, choose "
                             "another --output, or start afresh there with --overwrite")
-        for path in [self.output / name for name in RUN_FILES] + sorted(self.output.glob("epoch_*.pth")):
-            path.unlink(missing_ok=True)
+        if self.ctx.is_main:
+            check_writable(self.output)
+            for path in [self.output / name for name in RUN_FILES] + sorted(self.output.glob("epoch_*.pth")):
+                path.unlink(missing_ok=True)
 
     def _build_model(self, state: dict | None) -> DepthFlow:
         args = self.args

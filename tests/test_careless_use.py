@@ -294,3 +294,26 @@ def _current_umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_results_file_under_a_file_is_refused_before_the_work(toy_root, tmp_path, check):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    check(run.main, "--test", "--checkpoint", _tiny(tmp_path), "--data-root", toy_root, "--device", "cpu",
+          "--json", blocker / "results.json", "--output", tmp_path / "o",
+          expect=["cannot write to output folder", str(blocker)])
+    assert not (tmp_path / "o/DAVIS16_val").exists()
+
+
+def test_ctrl_c_anywhere_is_one_line_and_exit_code_130(capsys):
+    from utils.errors import cli_entry
+
+    @cli_entry
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_:
+        interrupted()
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err.strip() == ("error: interrupted; finished outputs are kept (a resumable command "
+                                               "continues where it stopped)")

@@ -37,8 +37,8 @@ def step(title: str, args: list) -> None:
 def main(argv=None):
     parser = ArgumentParser(prog="python -m tools.toy_demo", description=__doc__)
     parser.add_argument("--out", default="toy_demo", help="working folder, recreated (default toy_demo)")
-    parser.add_argument("--stage1-epochs", type=int, default=40)
-    parser.add_argument("--stage2-epochs", type=int, default=60)
+    parser.add_argument("--stage1-epochs", type=int, default=16)
+    parser.add_argument("--stage2-epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     out, start = Path(args.out), time.time()
