@@ -15,6 +15,23 @@ def run_cli(*args, cwd=ROOT, timeout=600):
     return proc.returncode, proc.stdout, proc.stderr
 
 
+def ctrl_c_once(args, ready: Path, cwd=ROOT):
+    """Run a project command, press Ctrl-C (SIGINT to its whole process group, loader workers included) once
+    `ready` exists, and return (returncode, stdout, stderr)."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not ready.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stdout, stderr
+
+
 def assert_one_line_error(rc, stderr, *fragments):
     """A user error: non-zero exit, no traceback, one line naming what is wrong."""
     assert rc != 0

@@ -3,11 +3,9 @@
 import json
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +18,7 @@ from flow_synthesis.__main__ import main as synth_main
 from flow_synthesis.video_flow import main as flow_main
 from model import DepthFlow
 from model.checkpoints import read_project_checkpoint, save_project_checkpoint
-from tests.conftest import ROOT, assert_one_line_error, run_main
+from tests.conftest import ROOT, assert_one_line_error, ctrl_c_once, run_main
 from trainer import GlobalBatches, train
 from utils import distributed
 from utils.io import save_image_atomic, write_text_atomic
@@ -258,20 +256,13 @@ def test_depth_maps_that_are_not_plain_numbers(toy_root, tmp_path, check, conten
 
 def test_ctrl_c_in_test_keeps_the_finished_datasets(toy_root, tmp_path):
     out = tmp_path / "o"
-    command = [sys.executable, "run.py", "--test", "--checkpoint", str(_tiny(tmp_path)), "--data-root",
-               str(toy_root), "--datasets", "davis,ytobj", "--output", str(out), "--device", "cpu", "--workers", "1",
-               "--batch-size", "1"]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    deadline = time.time() + 120
-    while not (out / "results.json").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    code, _, stderr = ctrl_c_once(["run.py", "--test", "--checkpoint", _tiny(tmp_path), "--data-root", toy_root,
+                                   "--datasets", "davis,ytobj", "--output", out, "--device", "cpu", "--workers", "1",
+                                   "--batch-size", "1"], ready=out / "results.json")
     results = json.loads((out / "results.json").read_text())
-    if proc.returncode == 0:
+    if code == 0:
         pytest.skip("the run finished before Ctrl-C arrived")
-    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert code == 130 and "Traceback" not in stderr, stderr[-2000:]
     assert [line for line in stderr.splitlines() if line.strip()][-1].startswith("error: interrupted")
     assert "davis" in results and results["davis"]["metrics"]["J&F-Mean"] >= 0
 

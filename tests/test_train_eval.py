@@ -15,7 +15,7 @@ from inference import InferenceOptions, Segmenter
 from model import DepthFlow
 from model.checkpoints import read_project_checkpoint, save_project_checkpoint
 from model.winograd import winograd_available
-from tests.conftest import ROOT, assert_one_line_error, run_cli, run_main
+from tests.conftest import ROOT, assert_one_line_error, ctrl_c_once, run_cli, run_main
 from trainer import StopFlag, train
 from utils.errors import UserError
 
@@ -230,22 +230,12 @@ def test_peak_memory_is_flat_in_video_length(tmp_path):
 
 def test_ctrl_c_saves_a_resumable_checkpoint(toy_root, tmp_path):
     """SIGINT to the whole process group (as Ctrl-C sends it, loader workers included) mid-training."""
-    import signal
-    import subprocess
-    import time
-
     out = tmp_path / "run"
-    command = [sys.executable, "run.py", "--train", "--backbone", "mitb0", "--size", "32", "--stage", "2",
-               "--datasets", "duts:64,davis_train:64", "--batch-size", "4", "--workers", "2", "--device", "cpu",
-               "--val-every", "0", "--epochs", "50", "--data-root", str(toy_root), "--output", str(out)]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").is_file() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-2000:]
+    code, stdout, stderr = ctrl_c_once(["run.py", "--train", "--backbone", "mitb0", "--size", "32", "--stage", "2",
+                                        "--datasets", "duts:64,davis_train:64", "--batch-size", "4", "--workers", "2",
+                                        "--device", "cpu", "--val-every", "0", "--epochs", "50", "--data-root",
+                                        toy_root, "--output", out], ready=out / "metrics.jsonl")
+    assert code == 0, stderr[-2000:]
     assert "stopped: saved" in stdout and "Traceback" not in stderr
     state = read_project_checkpoint(out / "last.pth")
     assert (state["epoch"], state["step"]) > (0, 0) and state["epoch"] < 50
