@@ -33,12 +33,17 @@ MIN_SIDE = 16  # optical flow and the network's patch embedding need a few pixel
 SOURCE_RECORD = "source.json"  # which input an output folder belongs to
 
 
-def extract_frames(video_path: Path, out_dir: Path) -> list[Path]:
-    """Decode a video file to JPEG frames, streaming (never the whole video in memory)."""
+def open_video(video_path: Path) -> cv2.VideoCapture:
     capture = cv2.VideoCapture(str(video_path))
     if not capture.isOpened():
         raise UserError(f"{video_path} is not a readable video file (expected one of {', '.join(VIDEO_EXTENSIONS)} "
                         f"or a folder of frames)")
+    return capture
+
+
+def extract_frames(video_path: Path, out_dir: Path) -> list[Path]:
+    """Decode a video file to JPEG frames, streaming (never the whole video in memory)."""
+    capture = open_video(video_path)
     total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
     frames = []
     with tqdm(total=total, unit="frame", desc="decoding", disable=None, leave=False) as bar:
@@ -115,6 +120,10 @@ def run_demo(args) -> Path:
         raise UserError("--demo needs --checkpoint FILE (a released DepthFlow_mitb*.pth or a --train output)")
     source = Path(args.demo)
     frames = listed_frames(source)
+    if frames:  # the input is checked before the output folder is claimed for it
+        frame_size(frames, min_side=MIN_SIDE)
+    else:
+        open_video(source).release()
     device = resolve_device(args.device)
     segmenter = Segmenter(load_depthflow(args.checkpoint, backbone=args.backbone, size=args.size),
                           InferenceOptions.from_args(args, device))

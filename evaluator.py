@@ -72,7 +72,13 @@ class _Finisher:
         """Queue a job; return the (key, scores) of jobs that had to finish to keep the backlog bounded."""
         if self.pool is None:
             return [(key, finish_batch(*job))]
-        self.pending.append((key, where, self.pool.submit(finish_batch, *job)))
+        try:
+            future = self.pool.submit(finish_batch, *job)
+        except BrokenProcessPool:  # a helper died since the last submission; its job is one of the pending
+            for item in self.pending:
+                self._result(*item)
+            self._broken(where)
+        self.pending.append((key, where, future))
         done = []
         while len(self.pending) > self.backlog:
             done.append(self._result(*self.pending.popleft()))
@@ -83,13 +89,16 @@ class _Finisher:
         self.pending.clear()
         return done
 
-    @staticmethod
-    def _result(key, where, future):
+    def _result(self, key, where, future):
         try:
             return key, future.result()
         except BrokenProcessPool:
-            raise UserError(f"a helper process died while writing or scoring the masks of {where} (or a later "
-                            "batch); if memory ran short, lower --workers") from None
+            self._broken(where)
+
+    @staticmethod
+    def _broken(where: str):
+        raise UserError(f"a helper process died while writing or scoring the masks of {where} (or a later "
+                        "batch); if memory ran short, lower --workers") from None
 
     def __enter__(self):
         return self

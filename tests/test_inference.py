@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import dataset
 import evaluator
 import inference
 import run
@@ -128,23 +129,28 @@ def test_out_of_memory_names_the_flag(model, toy_root, monkeypatch):
 
 
 def test_a_loader_process_that_dies_is_named_by_its_frame(toy_root, checkpoint, tmp_path, capsys, monkeypatch):
+    """A loader process killed while decoding one frame (as the kernel's OOM killer would) is named by it."""
     victim = toy_root / "DAVIS/JPEGImages/480p/val01/00005.jpg"
-    decode = VideoFrames.__getitem__
+    decode = dataset.read_image
 
-    def dies_on_the_victim(self, i):
-        if self.frame(i).image == victim:
+    def dies_on_the_victim(path, mode=None):
+        if path == victim:
             os._exit(1)
-        return decode(self, i)
+        return decode(path, mode)
 
-    monkeypatch.setattr(VideoFrames, "__getitem__", dies_on_the_victim)
+    monkeypatch.setattr(dataset, "read_image", dies_on_the_victim)
     code, _, err = run_main(run.main, "--test", "--checkpoint", checkpoint, "--data-root", toy_root, "--datasets",
                             "davis", "--output", tmp_path / "o", "--device", "cpu", "--workers", "2",
                             "--batch-size", "1", capsys=capsys)
     assert_one_line_error(code, err, "a data-loading process died while decoding", str(victim))
 
 
+def _dies(*job):
+    os._exit(1)
+
+
 def test_a_helper_process_that_dies_is_one_line(toy_root, checkpoint, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(evaluator, "finish_batch", lambda *job: os._exit(1))
+    monkeypatch.setattr(evaluator, "finish_batch", _dies)
     code, _, err = run_main(run.main, "--test", "--checkpoint", checkpoint, "--data-root", toy_root, "--datasets",
                             "davis", "--output", tmp_path / "o", "--device", "cpu", "--workers", "1", capsys=capsys)
     assert_one_line_error(code, err, "a helper process died while writing or scoring the masks of")
