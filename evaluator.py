@@ -205,21 +205,13 @@ def speed(frames: int, forward_s: float, elapsed_s: float, processes: int = 1) -
 
 
 def evaluate_dataset(segmenter: Segmenter, spec: DatasetSpec, videos: list[Video], *, out_dir: Path | None = None,
-                 progress: bool = True) -> dict:
-    """Segment and score one dataset in this process: its metrics and speeds."""
-    timing, start = {}, time.perf_counter()
-    scores = segment_dataset(segmenter, spec, videos, out_dir=out_dir, timing=timing, progress=progress)
-    result = score_videos(spec, videos, scores)
-    result["speed"] = speed(sum(len(v.frames) for v in videos), timing["forward_s"], time.perf_counter() - start)
-    return result
+                     progress: bool = True, ctx: distributed.Context | None = None) -> dict | None:
+    """Segment and score one dataset: its metrics and speeds.
 
-
-def evaluate_sharded(segmenter: Segmenter, spec: DatasetSpec, videos: list[Video], out_dir: Path | None,
-                     ctx: distributed.Context, progress: bool = False) -> dict | None:
-    """evaluate_dataset with the videos shared out over the torchrun processes; the result on rank 0 only.
-
-    Every video is segmented whole by one process, and rank 0 scores the gathered frame scores in the
-    dataset's own video order, so the tables equal a single process's."""
+    Under torchrun (`ctx`), the videos are shared out over the processes, each segmented whole by one of
+    them, and rank 0 scores the gathered frame scores in the dataset's own video order, so the tables equal
+    a single process's; the result is on rank 0 only (None elsewhere)."""
+    ctx = ctx or distributed.Context(0, 1, segmenter.device)
     mine = [videos[i] for i in distributed.shard_by_size([len(v.frames) for v in videos], ctx)]
     timing, start = {}, time.perf_counter()
     scores = segment_dataset(segmenter, spec, mine, out_dir=out_dir, timing=timing, progress=progress and ctx.is_main)
@@ -259,7 +251,7 @@ def evaluate(model, names: list[str], data_root, overrides: dict, output, option
     for name in names:
         spec = DATASETS[name]
         out_dir = output / spec.output if save_masks else None
-        result = evaluate_sharded(segmenter, spec, videos[name], out_dir, ctx, progress=True)
+        result = evaluate_dataset(segmenter, spec, videos[name], out_dir=out_dir, ctx=ctx)
         if ctx.is_main:
             results[name] = result
             print(format_table(spec, result), flush=True)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataset import DATASETS, TRAINING_DATASETS, VALIDATION_DATASET, Source, TrainingFrames, dataset_root, scan
-from evaluator import evaluate_sharded
+from evaluator import evaluate_dataset
 from inference import InferenceOptions, Segmenter
 from model import DepthFlow
 from model.checkpoints import load_depthflow, load_pretrained_mit, read_project_checkpoint, save_project_checkpoint
@@ -352,8 +352,8 @@ class TrainingRun:
         if self.val_videos is not None and (epoch + 1) % args.val_every == 0:
             options = InferenceOptions(ctx.device, batch_size=args.batch_size // ctx.world_size, workers=args.workers,
                                        amp=args.amp)
-            result = evaluate_sharded(Segmenter(self.model, options), DATASETS[VALIDATION_DATASET],
-                                      self.val_videos, None, ctx)
+            result = evaluate_dataset(Segmenter(self.model, options), DATASETS[VALIDATION_DATASET],
+                                      self.val_videos, progress=False, ctx=ctx)
             if ctx.is_main:
                 record["davis_jf"] = result["metrics"]["J&F-Mean"]
                 if record["davis_jf"] > self.best:
