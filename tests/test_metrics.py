@@ -74,6 +74,27 @@ def test_f_measure_equals_brute_force_on_random_blobs(seed):
         assert f_measure(pred, gt) == pytest.approx(expected, abs=1e-12)
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_f_measure_on_the_boundary_window_equals_brute_force(seed):
+    """F is computed on the window around both boundaries: small objects in large frames, at the borders or
+    far apart, with relative and absolute tolerances, must give the full computation's value."""
+    rng = np.random.default_rng(100 + seed)
+    h, w = int(rng.integers(60, 160)), int(rng.integers(60, 240))
+    yy, xx = np.mgrid[:h, :w]
+    cy, cx = rng.integers(-10, h + 10), rng.integers(-10, w + 10)
+    masks = []
+    for _ in range(2):
+        ry, rx = rng.integers(2, 25, size=2)
+        masks.append(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1)
+        # The second object near the first (partly matching boundaries) or anywhere (none).
+        cy, cx = (cy + rng.integers(-6, 7), cx + rng.integers(-6, 7)) if seed % 3 else \
+            (rng.integers(-10, h + 10), rng.integers(-10, w + 10))
+    bound = [0.008, 0.03, 2, 5][seed % 4]
+    expected = _brute_f(*masks, boundary_radius((h, w), bound))
+    if expected is not None:
+        assert f_measure(*masks, bound_th=bound) == pytest.approx(expected, abs=1e-12)
+
+
 def test_f_measure_empty_rules():
     empty = np.zeros((10, 12), bool)
     full = empty.copy()
