@@ -33,7 +33,7 @@ from transforms import frames_to_float
 from utils import distributed
 from utils.device import autocast_context
 from utils.errors import UserError, one_line
-from utils.io import check_writable
+from utils.io import check_writable, write_text_atomic
 
 # Training sets per stage, as "dataset:samples per epoch" (README, 'Training').
 STAGE_SOURCES = {1: "ytvos:512", 2: "duts:384,davis_train:128"}
@@ -271,8 +271,8 @@ class TrainingRun:
         """Drop log lines of epochs after the checkpoint: they are about to be trained again."""
         log = self.output / "metrics.jsonl"
         if log.is_file():
-            kept = [line for line in log.read_text().splitlines() if json.loads(line)["epoch"] <= epochs_done]
-            log.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in log.read_text().splitlines() if _logged_epoch(line) <= epochs_done]
+            write_text_atomic("".join(line + "\n" for line in kept), log)
 
     def save(self, name: str, epoch: int, step: int) -> None:
         if self.ctx.is_main:
@@ -367,6 +367,14 @@ class TrainingRun:
             with open(self.output / "metrics.jsonl", "a") as log:
                 log.write(json.dumps(record) + "\n")
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+
+def _logged_epoch(line: str) -> float:
+    """The epoch of a metrics.jsonl line; a line cut short by a kill counts as after every epoch (dropped)."""
+    try:
+        return json.loads(line)["epoch"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 def _plain(values: dict) -> dict:

@@ -137,6 +137,8 @@ def test_resume_log_has_no_repeated_epochs(toy_root, tmp_path):
     """Resuming from an earlier snapshot drops the log lines of the epochs it trains again."""
     out = tmp_path / "run"
     train(run.parse_args(list(map(str, _train_args(toy_root, out, "--epochs", "3", "--save-every", "2")))))
+    with open(out / "metrics.jsonl", "a") as log:
+        log.write('{"epoch": 4, "lo')  # a line cut short by a kill
     train(run.parse_args(list(map(str, _train_args(toy_root, out, "--epochs", "3", "--resume",
                                                    out / "epoch_00002.pth")))))
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
