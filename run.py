@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--workers", type=int, default=default_workers(),
                    help=f"data-loading processes, and (--test) as many for writing and scoring masks (default: "
                         f"the machine's cores, up to 8; here {default_workers()})")
-    h.add_argument("--channels-last", action="store_true", help="CPU inference in channels-last memory format (refused on a GPU, where it is slower)")
+    h.add_argument("--channels-last", action="store_true",
+                   help="CPU inference in channels-last memory format (refused on a GPU, where it is slower)")
     h.add_argument("--compile", action="store_true", help="torch.compile the model for inference")
     h.add_argument("--winograd", action="store_true", help="CPU inference: the decoder's wide 3x3 convolutions "
                                                            "by NNPACK's Winograd kernels (faster; logits move "
