@@ -121,7 +121,7 @@ def run_demo(args) -> Path:
     source = Path(args.demo)
     frames = listed_frames(source)
     if frames:  # the input is checked before the output folder is claimed for it
-        frame_size(frames, min_side=MIN_SIDE)
+        height, width = frame_size(frames, min_side=MIN_SIDE)
     else:
         open_video(source).release()
     device = resolve_device(args.device)
@@ -129,8 +129,9 @@ def run_demo(args) -> Path:
                           InferenceOptions.from_args(args, device))
     out = Path(args.output) if args.output else Path("demo_out") / source.resolve().name
     claim_output(out, source, args.overwrite)
-    frames = frames or extract_frames(source, out / "frames")
-    height, width = frame_size(frames, min_side=MIN_SIDE)
+    if not frames:
+        frames = extract_frames(source, out / "frames")
+        height, width = frame_size(frames, min_side=MIN_SIDE)
     backend = make_flow_backend("auto", args.raft_weights, device)
     print(f"{len(frames)} frames of {width}x{height}; optical flow: {backend.name}")
     video_flows(frames, out / "flows", backend, batch_size=4)

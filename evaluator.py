@@ -227,9 +227,9 @@ def evaluate_dataset(segmenter: Segmenter, spec: DatasetSpec, videos: list[Video
     return result
 
 
-def results_path(output: Path, json_path) -> Path:
-    """Where results.json goes, checked before any work (a folder, or a parent that cannot be written, stops)."""
-    path = Path(json_path) if json_path else output / "results.json"
+def checked_results_path(path) -> Path:
+    """The results file, checked before any work: a folder, or a parent that cannot be written, stops."""
+    path = Path(path)
     if path.is_dir():
         raise UserError(f"--json {path} is a folder; expected a file name, for example {path / 'results.json'}")
     check_writable(path.parent)
@@ -244,7 +244,7 @@ def evaluate(model, names: list[str], data_root, overrides: dict, output, option
     JSON is rewritten after each dataset, so a stopped run keeps the datasets it finished."""
     ctx = ctx or distributed.Context(0, 1, options.device)
     output = check_writable(output)
-    json_path = results_path(output, json_path)
+    json_path = checked_results_path(json_path or output / "results.json")
     videos = scan_datasets(names, data_root, overrides)
     segmenter = Segmenter(model, options)
     results = {}
@@ -271,7 +271,7 @@ def main(argv=None):
                                                                              "machine's cores, up to 8)")
     args = parser.parse_args(argv)
     spec = DATASETS[args.dataset]
-    json_path = results_path(Path("."), args.json) if args.json else None
+    json_path = checked_results_path(args.json) if args.json else None
     videos = scan(spec, dataset_root(spec, args.data_root, args.dataset_root))
     result = score_saved(spec, videos, args.results, workers=args.workers)
     print(format_table(spec, result))

@@ -184,10 +184,11 @@ class TrainingRun:
         if args.batch_size % ctx.world_size:
             raise UserError(f"--batch-size {args.batch_size} must be divisible by the {ctx.world_size} processes")
         self.epochs = args.epochs or STAGE_EPOCHS[args.stage]
-        self.sources_text = ",".join(f"{n}:{k}" for n, k in parse_sources(args.datasets or STAGE_SOURCES[args.stage]))
+        sources = parse_sources(args.datasets or STAGE_SOURCES[args.stage])
+        self.sources_text = ",".join(f"{n}:{k}" for n, k in sources)  # recorded, so a resume can check it
         self.sources = [Source(DATASETS[n], scan(DATASETS[n], dataset_root(DATASETS[n], args.data_root,
                                                                            args.dataset_roots.get(n))), k)
-                        for n, k in parse_sources(self.sources_text)]
+                        for n, k in sources]
         self.val_videos = None
         if args.val_every > 0:
             spec = DATASETS[VALIDATION_DATASET]
