@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from transforms import TrainTransform, to_uint8_tensor
 from utils.errors import UserError
-from utils.io import FRAME_EXTENSIONS, read_image
+from utils.io import FRAME_EXTENSIONS, read_rgb
 from utils.palette import binarise, read_label_image
 
 DEFAULT_DATA_ROOT = "../DB/VOS"
@@ -245,13 +245,16 @@ class VideoFrames(Dataset):
     def __getitem__(self, i):
         self._note(i)
         frame = self.frame(i)
-        image = read_image(frame.image, "RGB")
-        flow = read_image(frame.flow, "RGB")
-        if flow.size != image.size:
-            raise UserError(f"flow {frame.flow} is {flow.size[0]}x{flow.size[1]}, its frame {frame.image} "
-                            f"is {image.size[0]}x{image.size[1]} (expected equal sizes)")
+        image, flow = read_rgb(frame.image), read_rgb(frame.flow)
+        if flow.shape != image.shape:
+            raise UserError(f"flow {frame.flow} is {_size(flow)}, its frame {frame.image} is {_size(image)} "
+                            "(expected equal sizes)")
         return {"image": to_uint8_tensor(image), "flow": to_uint8_tensor(flow), "video": self.index[i][0],
                 "frame": self.index[i][1]}
+
+
+def _size(pixels: np.ndarray) -> str:
+    return f"{pixels.shape[1]}x{pixels.shape[0]}"
 
 
 def video_batches(videos: list[Video], batch_size: int) -> list[list[int]]:
@@ -304,12 +307,12 @@ class TrainingFrames(Dataset):
         source = self.sources[part]
         rng = random.Random(f"{self.seed}/{epoch}/{i}")
         frame = rng.choice(rng.choice(source.annotated))
-        image, flow = read_image(frame.image, "RGB"), read_image(frame.flow, "RGB")
+        image, flow = read_rgb(frame.image), read_rgb(frame.flow)
         labels = read_label_image(frame.mask)
-        for what, path, size in (("flow", frame.flow, flow.size), ("mask", frame.mask, labels.shape[::-1])):
-            if size != image.size:
-                raise UserError(f"{what} {path} is {size[0]}x{size[1]}, its frame {frame.image} is "
-                                f"{image.size[0]}x{image.size[1]} (expected equal sizes)")
+        for what, path, other in (("flow", frame.flow, flow), ("mask", frame.mask, labels)):
+            if other.shape[:2] != image.shape[:2]:
+                raise UserError(f"{what} {path} is {_size(other)}, its frame {frame.image} is {_size(image)} "
+                                "(expected equal sizes)")
         if source.spec.mask_resize == "bicubic":
             mask = labels.astype(np.float32) / 255.0  # DUTSv2 masks are grey 0/255
         else:

@@ -134,6 +134,8 @@ class Segmenter:
         self.masks_on_device = self.on_gpu
         self.fixed_shapes = self.on_gpu or options.compile
         self._ready_shapes: set[tuple[int, ...]] = set()
+        # Input buffers reused batch after batch on a CPU (frames_to_float); a GPU's allocator caches its own.
+        self._float_buffers: dict[tuple, torch.Tensor] = {}
         self._frames: VideoFrames | None = None  # of the run in progress, to name a frame that kills a loader
 
     def batches(self, videos: list[Video], *, timing: dict | None = None, desc: str = "segmenting",
@@ -179,17 +181,22 @@ class Segmenter:
             raise UserError(f"a data-loading process died while decoding {where} ({reason}); if memory ran "
                             "short, lower --workers or --batch-size") from None
 
-    def _to_device(self, frames: torch.Tensor) -> torch.Tensor:
+    def _to_device(self, frames: torch.Tensor, stream: str) -> torch.Tensor:
         x = frames.to(self.device, non_blocking=True)
         if self.fixed_shapes and len(x) < self.options.batch_size:
             x = torch.cat([x, x[-1:].expand(self.options.batch_size - len(x), -1, -1, -1)])
-        x = frames_to_float(x)
+        out = None
+        if not self.on_gpu:  # safe to refill: a CPU network has finished with the last batch's input
+            out = self._float_buffers.get((stream, x.shape))
+            if out is None:
+                out = self._float_buffers[stream, x.shape] = torch.empty(x.shape)
+        x = frames_to_float(x, out)
         return x.contiguous(memory_format=torch.channels_last) if self.options.channels_last else x
 
     def _launch(self, batch: dict, videos: list[Video]) -> _InFlight:
         n = len(batch["frame"])
         try:
-            image, flow = self._to_device(batch["image"]), self._to_device(batch["flow"])
+            image, flow = self._to_device(batch["image"], "image"), self._to_device(batch["flow"], "flow")
             self._warm_up(image, flow)
             events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(3)) if self.on_gpu else ()
             with torch.inference_mode(), autocast_context(self.device, self.options.amp):

@@ -85,8 +85,8 @@ def test_mask_resize_rules():
 
 
 def test_flips_are_joint():
-    rgb = Image.fromarray(np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3))
-    flow = Image.fromarray(np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)[::-1].copy())
+    rgb = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    flow = rgb[::-1].copy()
     mask = np.zeros((4, 6), np.uint8)
     mask[0, :2] = 1
     plain = TrainTransform(4, hflip_p=0, vflip_p=0)(rgb, flow, mask, random.Random(0))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from dataset import DATASETS, scan
+from dataset import DATASETS, Source, TrainingFrames, scan
 from evaluator import evaluate_dataset
 from inference import InferenceOptions, Segmenter, prepare_model
 from model import DepthFlow
@@ -145,10 +145,23 @@ def test_benchmark_quick_mode(tmp_path, capsys):
     assert e2e["frames"] == 24 and [r["variant"] for r in e2e["ours"]] == names[:1] + names[2:3]
     assert all(r["pixel_agreement"] > 0.999 and r["mask_iou"] > 0.99 for r in e2e["ours"])
     host = report["host_pipeline"]
-    assert [r["network"] for r in host] == ["stand-in network", "mitb0 at --size 32"]
+    assert [r["network"] for r in host] == ["stand-in network (host only)", "mitb0 at --size 32"]
     assert all(r["frames"] == 16 and r["frames_per_s"] > 0 and r["cores"] >= 1 for r in host)
     loader = report["training_loader"]
     assert loader["samples"] == 2 * 32 - 2 and loader["samples_per_s_per_core"] > 0  # the first batch is warm-up
+    assert loader["one_process_samples_per_s"] > 0 and loader["one_process_pil_samples_per_s"] > 0
     table = (tmp_path / "bench.md").read_text()
-    assert "| mitb0 | float32 | 1 |" in table and "| ours, float32 |" in table and "| stand-in network |" in table
-    assert "Training loader alone" in table
+    assert "| mitb0 | float32 | 1 |" in table and "| ours, float32 |" in table
+    assert "| stand-in network (host only) |" in table
+    assert "the PIL baseline" in table
+
+
+def test_the_loader_baseline_draws_the_same_samples(toy_root):
+    """tools.bench's PIL baseline makes the sample the loader makes, up to the resize's rounding."""
+    davis = Source(DATASETS["davis_train"], scan(DATASETS["davis_train"], toy_root / "DAVIS"), 16)
+    data = TrainingFrames([davis], size=40, seed=5)
+    for i in range(16):
+        ours, pil = data[2, i], bench.pil_training_sample(data, (2, i))
+        assert torch.equal(ours["mask"], pil["mask"])
+        for key in ("image", "flow"):
+            assert (ours[key].int() - pil[key].int()).abs().max() <= 2

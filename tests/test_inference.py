@@ -131,14 +131,14 @@ def test_out_of_memory_names_the_flag(model, toy_root, monkeypatch):
 def test_a_loader_process_that_dies_is_named_by_its_frame(toy_root, checkpoint, tmp_path, capsys, monkeypatch):
     """A loader process killed while decoding one frame (as the kernel's OOM killer would) is named by it."""
     victim = toy_root / "DAVIS/JPEGImages/480p/val01/00005.jpg"
-    decode = dataset.read_image
+    decode = dataset.read_rgb
 
-    def dies_on_the_victim(path, mode=None):
+    def dies_on_the_victim(path):
         if path == victim:
             os._exit(1)
-        return decode(path, mode)
+        return decode(path)
 
-    monkeypatch.setattr(dataset, "read_image", dies_on_the_victim)
+    monkeypatch.setattr(dataset, "read_rgb", dies_on_the_victim)
     code, _, err = run_main(run.main, "--test", "--checkpoint", checkpoint, "--data-root", toy_root, "--datasets",
                             "davis", "--output", tmp_path / "o", "--device", "cpu", "--workers", "2",
                             "--batch-size", "1", capsys=capsys)

@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import platform
+import random
 import resource
 import shutil
 import tempfile
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from inference import InferenceOptions, prepare_model
+from inference import InferenceOptions, Segmenter, prepare_model
 from model import DepthFlow
 from model.depthflow import class_masks
 from model.winograd import winograd_available
@@ -158,7 +159,6 @@ def bench_end_to_end(device, size, quick, workers, backbone="mitb0", frames=None
     same toy videos."""
     from dataset import DATASETS, scan
     from evaluator import evaluate_dataset
-    from inference import Segmenter
     from model.checkpoints import released_to_model
     from tools.toydata import generate
 
@@ -229,8 +229,8 @@ def reference_style_loop(reference, videos, out_dir, device) -> tuple[list[np.nd
 class StandIn(torch.nn.Module):
     """A network of no cost with DepthFlow's interface, so that timing `--test` measures the host. Its logits
     are at the frame's size and say "object" inside a centred ellipse (a mask like a real one, to write and
-    score), as a GPU hands back masks of the frame's size: what remains is loading, transfers, writing and
-    scoring."""
+    score), as a GPU hands back masks of the frame's size. They are uint8, which the two-class decision
+    reads at a quarter of float32's cost: on a GPU that decision is device work, not the host's."""
 
     def __init__(self):
         super().__init__()
@@ -241,8 +241,21 @@ class StandIn(torch.nn.Module):
         if (h, w) not in self._logits:
             y, x = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
             inside = (x / 0.6) ** 2 + (y / 0.5) ** 2 <= 1
-            self._logits[h, w] = torch.stack([torch.full_like(x, 0.5), inside.float()]).to(image.device)
+            self._logits[h, w] = torch.stack([torch.zeros_like(inside), inside]).to(torch.uint8)
         return self._logits[h, w].expand(len(image), -1, -1, -1)
+
+
+class HostOnlySegmenter(Segmenter):
+    """The streaming loop with the device's share of the work left out: frames reach the stand-in as the
+    uint8 tensors the host hands over, not turned into floats (a GPU does that on its side). What remains
+    is what a GPU run costs its host: decoding, collating, hand-overs, mask writing and scoring."""
+
+    def __init__(self, options: InferenceOptions):
+        super().__init__(StandIn(), options)
+        self.masks_on_device = True
+
+    def _to_device(self, frames: torch.Tensor, stream: str) -> torch.Tensor:
+        return frames
 
 
 def bench_host_pipeline(device, workers: int, frames: int, batch_size: int) -> list[dict]:
@@ -250,7 +263,6 @@ def bench_host_pipeline(device, workers: int, frames: int, batch_size: int) -> l
     --size 32 (almost free): frames/s, and per core of the processes' share of the machine."""
     from dataset import DATASETS, scan
     from evaluator import evaluate_dataset
-    from inference import InferenceOptions, Segmenter
     from tools.toydata import generate
     from utils.device import available_cores
 
@@ -260,10 +272,9 @@ def bench_host_pipeline(device, workers: int, frames: int, batch_size: int) -> l
         videos = scan(DATASETS["davis"], root / "toy/DAVIS")
         n, cores = sum(len(v.frames) for v in videos), available_cores()
         rows = []
-        for name, network in (("stand-in network", StandIn()), ("mitb0 at --size 32", DepthFlow("mitb0", size=32))):
-            options = InferenceOptions(device, batch_size=batch_size, workers=workers)
-            segmenter = Segmenter(network, options)
-            segmenter.masks_on_device |= isinstance(network, StandIn)
+        options = InferenceOptions(device, batch_size=batch_size, workers=workers)
+        for name, segmenter in (("stand-in network (host only)", HostOnlySegmenter(options)),
+                                ("mitb0 at --size 32", Segmenter(DepthFlow("mitb0", size=32), options))):
             start = time.perf_counter()
             evaluate_dataset(segmenter, DATASETS["davis"], videos, out_dir=root / "masks", progress=False)
             fps = n / (time.perf_counter() - start)
@@ -274,9 +285,33 @@ def bench_host_pipeline(device, workers: int, frames: int, batch_size: int) -> l
         shutil.rmtree(root, ignore_errors=True)
 
 
+def pil_training_sample(data, key) -> dict:
+    """The sample `data[key]` would draw, made the way the reference recipe makes it: PIL decoding and PIL's
+    bicubic resize (flips as ours), as the baseline for the loader's figures."""
+    from transforms import resize_mask, to_uint8_tensor
+    from utils.io import read_image
+    from utils.palette import binarise, read_label_image
+
+    epoch, i = key
+    source = data.sources[0]
+    rng = random.Random(f"{data.seed}/{epoch}/{i}")
+    frame = rng.choice(rng.choice(source.annotated))
+    size = data.transforms[0].size
+    image, flow = (to_uint8_tensor(read_image(p, "RGB").resize((size, size), Image.BICUBIC))
+                   for p in (frame.image, frame.flow))
+    mask = torch.from_numpy(resize_mask(binarise(read_label_image(frame.mask), source.spec.mask_rule), size,
+                                        "nearest").copy())
+    if rng.random() < 0.5:
+        image, flow, mask = image.flip(-1), flow.flip(-1), mask.flip(-1)
+    if rng.random() < 0.5:
+        image, flow, mask = image.flip(-2), flow.flip(-2), mask.flip(-2)
+    return {"image": image, "flow": flow, "mask": mask}
+
+
 def bench_training_loader(workers: int, samples: int, size: int, batch_size: int) -> dict:
-    """Training samples/s of the loader alone (decode, resize, flips, collate) from 854x480 JPEG frames, at
-    the recipe's internal size, with the trainer's batches."""
+    """Training samples/s from 854x480 JPEG frames at the recipe's internal size: one process making samples
+    (decode, resize, flips), ours and the PIL baseline side by side; then the loader with its workers and
+    the trainer's batches (adding collation and hand-over)."""
     from dataset import DATASETS, Source, TrainingFrames, scan
     from tools.toydata import generate
     from trainer import GlobalBatches
@@ -288,6 +323,13 @@ def bench_training_loader(workers: int, samples: int, size: int, batch_size: int
         generate(root / "toy", seed=0, size=(480, 854), videos=2, frames=12, datasets=("davis",))
         source = Source(DATASETS["davis_train"], scan(DATASETS["davis_train"], root / "toy/DAVIS"), samples)
         data = TrainingFrames([source], size=size)
+        one_process = {}
+        for name, make in (("ours", data.__getitem__), ("PIL", lambda key: pil_training_sample(data, key))):
+            make((1, 0))
+            start = time.perf_counter()
+            for i in range(samples // 4):
+                make((0, i))
+            one_process[name] = (samples // 4) / (time.perf_counter() - start)
         plan = GlobalBatches(samples, batch_size, 0, distributed.Context(0, 1, torch.device("cpu"))).plan(0, 0, 2)
         loader = torch.utils.data.DataLoader(data, batch_sampler=plan, num_workers=workers,
                                              prefetch_factor=4 if workers else None)
@@ -298,7 +340,8 @@ def bench_training_loader(workers: int, samples: int, size: int, batch_size: int
             n += len(batch["image"])
         rate, cores = n / (time.perf_counter() - start), available_cores()
         return {"size": size, "workers": workers, "cores": cores, "samples": n, "samples_per_s": rate,
-                "samples_per_s_per_core": rate / cores}
+                "samples_per_s_per_core": rate / cores, "one_process_samples_per_s": one_process["ours"],
+                "one_process_pil_samples_per_s": one_process["PIL"]}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -338,9 +381,11 @@ def markdown(report: dict) -> str:
         lines.append("")
     loader = report.get("training_loader")
     if loader:
-        lines += ["", f"Training loader alone ({loader['samples']} samples from 854x480 JPEGs at "
-                  f"{loader['size']}x{loader['size']}, --workers {loader['workers']}, {loader['cores']} cores): "
-                  f"{loader['samples_per_s']:.1f} samples/s, {loader['samples_per_s_per_core']:.1f} per core.", ""]
+        lines += ["", f"Training samples from 854x480 JPEGs at {loader['size']}x{loader['size']}: one process "
+                  f"makes {loader['one_process_samples_per_s']:.1f} a second (the PIL baseline "
+                  f"{loader['one_process_pil_samples_per_s']:.1f}); the loader alone ({loader['samples']} samples, "
+                  f"--workers {loader['workers']}, {loader['cores']} cores) {loader['samples_per_s']:.1f} samples/s, "
+                  f"{loader['samples_per_s_per_core']:.1f} per core.", ""]
     lines.append(f"Peak host memory of the benchmark process: {report['peak_host_mib']:.0f} MiB.")
     return "\n".join(lines) + "\n"
 
