@@ -16,11 +16,8 @@ size and the padding dropped, so compilation happens once per frame size, before
 """
 
 import contextlib
-import importlib.util
 import multiprocessing
-import os
 import re
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -35,7 +32,7 @@ from dataset import Video, VideoFrames, video_batches
 from model.depthflow import DepthFlow, class_masks, resize_bicubic
 from model.winograd import use_winograd, winograd_available
 from transforms import frames_to_float
-from utils.device import autocast_context
+from utils.device import autocast_context, check_compiler
 from utils.errors import UserError
 
 
@@ -93,21 +90,11 @@ def prepare_model(model: DepthFlow, options: InferenceOptions) -> DepthFlow:
         # Measured on an H100: 2.3-2.6x slower than the default layout for this network (README, 'Speed').
         raise UserError("--channels-last is slower on a GPU for this network; it is a CPU option (drop it)")
     if options.compile:
-        _check_compiler(device)
+        check_compiler(device)
     model = model.to(device).eval()
     if options.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
-
-
-def _check_compiler(device: torch.device) -> None:
-    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
-        raise UserError("--compile on a GPU needs Triton, which this Python lacks (pip install triton, or drop "
-                        "--compile)")
-    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++")
-                                        if c):
-        raise UserError("--compile on a CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop "
-                        "--compile")
 
 
 @dataclass

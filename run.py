@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"the machine's cores, up to 8; here {default_workers()})")
     h.add_argument("--channels-last", action="store_true",
                    help="CPU inference in channels-last memory format (refused on a GPU, where it is slower)")
-    h.add_argument("--compile", action="store_true", help="torch.compile the model for inference")
+    h.add_argument("--compile", action="store_true", help="torch.compile the model (inference) or the "
+                   "training step's forward and backward")
     h.add_argument("--winograd", action="store_true", help="CPU inference: the decoder's wide 3x3 convolutions "
                                                            "by NNPACK's Winograd kernels (faster; logits move "
                                                            "by ~1e-5, see README 'Speed')")
@@ -94,8 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.output = f"runs/stage{args.stage}" if args.train else "outputs"
     if args.size is not None and (args.size < 32 or args.size % 32):
         raise UserError(f"--size {args.size}: expected a positive multiple of 32 (the published model uses 512)")
-    inference_only = [flag for flag, on in (("--channels-last", args.channels_last), ("--compile", args.compile),
-                                            ("--winograd", args.winograd)) if on]
+    inference_only = [flag for flag, on in (("--channels-last", args.channels_last), ("--winograd", args.winograd))
+                      if on]
     if args.train and inference_only:
         raise UserError(f"{inference_only[0]} is an inference option (--test, --demo); training does not use it")
     if args.batch_size is None:

@@ -31,7 +31,7 @@ from model.checkpoints import load_depthflow, load_pretrained_mit, read_project_
 from model.depthflow import class_masks
 from transforms import frames_to_float
 from utils import distributed
-from utils.device import autocast_context
+from utils.device import autocast_context, check_compiler
 from utils.errors import UserError, one_line
 from utils.io import check_writable, write_text_atomic
 
@@ -198,6 +198,11 @@ class TrainingRun:
         self.model = self._build_model(state).to(ctx.device)
         self.net = DistributedDataParallel(self.model, device_ids=[ctx.device] if ctx.device.type == "cuda"
                                            else None) if ctx.distributed else self.model
+        if args.compile:
+            # Static shapes: every batch but an epoch's partial last one has the same size, so it compiles
+            # once (twice with a partial batch). Checkpoints keep the plain module's names (self.model).
+            check_compiler(ctx.device)
+            self.net = torch.compile(self.net, dynamic=False)
         # Fused Adam: one kernel for all parameters on a GPU; PyTorch's default (foreach) on a CPU.
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr, weight_decay=0.0,
                                           fused=ctx.device.type == "cuda" or None)
@@ -309,16 +314,32 @@ class TrainingRun:
                    disable=None if self.ctx.is_main else True)
         done = skip
         for step in bar:
+            batch = self._next_batch(batches, epoch, done)
             try:
-                self._step(next(batches))
-            except (UserError, torch.OutOfMemoryError) as err:
+                self._step(batch)
+            except torch.OutOfMemoryError as err:
                 self._save_after_failure(err, epoch, done)
+            except torch._dynamo.exc.BackendCompilerFailed as err:
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise UserError(f"--compile failed to compile the training step ({first}); drop --compile") from None
             done = step
             if step % LOG_EVERY == 0:
                 bar.set_postfix({k: f"{v:.4f}" for k, v in self.figures.read().items()})
             if distributed.any_rank(self.stop.should_stop(), self.ctx):
                 return step
         return None
+
+    def _next_batch(self, batches, epoch: int, done: int) -> dict:
+        """The next batch; if any process fails to load its share (a corrupt file), all of them save and stop
+        with that process's error, rather than the others waiting for it in the step's all-reduce."""
+        try:
+            batch, failure = next(batches), None
+        except UserError as err:
+            batch, failure = None, err
+        if distributed.any_rank(failure is not None, self.ctx):
+            message = distributed.first_message(failure and one_line(failure), self.ctx)
+            self._save_after_failure(UserError(message), epoch, done, wait_for_all=True)
+        return batch
 
     def _step(self, batch: dict) -> None:
         device = self.ctx.device
@@ -334,9 +355,14 @@ class TrainingRun:
         self.scaler.update()
         self.figures.add(loss, logits, target)
 
-    def _save_after_failure(self, err: Exception, epoch: int, done: int):
-        """Keep the work up to the last finished step, then stop with one line saying how to continue."""
+    def _save_after_failure(self, err: Exception, epoch: int, done: int, wait_for_all: bool = False):
+        """Keep the work up to the last finished step, then stop with one line saying how to continue.
+
+        `wait_for_all`: every process is here, and none leaves before rank 0 has saved (torchrun stops the
+        others as soon as one exits)."""
         self.save("last.pth", epoch, done)
+        if wait_for_all:
+            distributed.barrier(self.ctx)
         if isinstance(err, torch.OutOfMemoryError):
             per_process = self.args.batch_size // self.ctx.world_size
             what = (f"out of GPU memory at --batch-size {self.args.batch_size} ({per_process} a process) and --size "

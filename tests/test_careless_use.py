@@ -126,6 +126,41 @@ def test_a_corrupt_file_found_mid_training_keeps_the_work_done(toy_copy, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_corrupt_file_one_process_reads_stops_every_process(toy_copy, tmp_path):
+    """Under torchrun, a truncated flow that only rank 1 reads: both processes stop at once with its one
+    line (rank 0 does not wait in the step's all-reduce), and rank 0 saves the finished steps."""
+    import random
+
+    from dataset import Source
+
+    source = Source(DATASETS["davis_train"], scan(DATASETS["davis_train"], toy_copy / "DAVIS"), 8)
+    seen, victim = set(), None
+    for epoch in range(3):
+        for step, ranks in enumerate(zip(*(GlobalBatches(8, 4, 0, distributed.Context(r, 2, torch.device("cpu")))
+                                           .epoch(epoch) for r in range(2)))):
+            flows = [{rng.choice(rng.choice(source.annotated)).flow for rng in
+                      (random.Random(f"0/{e}/{i}") for e, i in keys)} for keys in ranks]
+            fresh = flows[1] - flows[0] - seen
+            if (epoch, step) > (0, 0) and fresh and victim is None:
+                victim, where = sorted(fresh)[0], (epoch, step)
+            seen |= flows[0] | flows[1]
+    assert victim is not None
+    victim.write_bytes(victim.read_bytes()[:200])
+    out = tmp_path / "broken"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29543",
+               "run.py", *map(str, _train_args(toy_copy, out, "--datasets", "davis_train:8", "--epochs", "3",
+                                               "--checkpoint-every", "5"))]
+    proc = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and all("truncated" in line and str(victim) in line for line in errors), proc.stderr[-3000:]
+    ours = [line for line in proc.stderr.splitlines() if f'File "{ROOT}/' in line and ".venv" not in line]
+    assert len(errors) == 2 and not ours  # no traceback through the project's code; torchrun reports its own
+    state = read_project_checkpoint(out / "last.pth")
+    assert (state["epoch"], state["step"]) == where
+
+
 def test_training_data_of_mismatched_sizes_stops(toy_copy, tmp_path, check):
     for mask in (toy_copy / "DAVIS/Annotations/480p/train00").glob("*.png"):
         Image.open(mask).resize((48, 32)).save(mask)

@@ -110,21 +110,22 @@ def test_test_command_on_gpu_agrees_with_cpu(toy_root, tmp_path, flags):
     assert gpu["davis"]["speed"]["frames"] == 16 and gpu["davis"]["speed"]["forward_fps"] > 0
 
 
-def _toy_training(toy_root, out, amp):
+def _toy_training(toy_root, out, amp, *extra):
     run.main(["--train", "--backbone", "mitb0", "--size", "64", "--stage", "2", "--datasets",
               "duts:32,davis_train:32", "--batch-size", "8", "--lr", "5e-4", "--workers", "2", "--device", "cuda",
               "--amp", amp, "--epochs", "12", "--val-every", "12", "--data-root", str(toy_root), "--output",
-              str(out)])
+              str(out), *extra])
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_mixed_precision_training_follows_float32(toy_root, tmp_path):
-    """The recipe in bf16 or fp16 learns as in float32 on toy data: the same fall of the loss (final loss
-    within 30% of float32's) and a toy DAVIS J&F within 0.1 of float32's."""
+    """The recipe in bf16 or fp16 (and bf16 with a compiled step) learns as in float32 on toy data: the same
+    fall of the loss (final loss within 30% of float32's) and a toy DAVIS J&F within 0.1 of float32's."""
     runs = {amp: _toy_training(toy_root, tmp_path / amp, amp) for amp in ("off", "bf16", "fp16")}
+    runs["bf16 compiled"] = _toy_training(toy_root, tmp_path / "compiled", "bf16", "--compile")
     base = runs["off"]
     assert base[-1]["loss"] < 0.6 * base[0]["loss"]
-    for amp in ("bf16", "fp16"):
+    for amp in ("bf16", "fp16", "bf16 compiled"):
         log = runs[amp]
         assert abs(log[-1]["loss"] - base[-1]["loss"]) <= 0.3 * base[-1]["loss"], (amp, log[-1], base[-1])
         assert abs(log[-1]["davis_jf"] - base[-1]["davis_jf"]) <= 0.1, (amp, log[-1], base[-1])

@@ -12,8 +12,8 @@ from PIL import Image
 
 import dataset
 import evaluator
-import inference
 import run
+import utils.device
 from dataset import DATASETS, VideoFrames, scan
 from inference import InferenceOptions, Segmenter, prepare_model
 from model import DepthFlow
@@ -110,7 +110,7 @@ def test_torchrun_shards_videos_and_writes_what_one_process_writes(checkpoint, t
 def test_channels_last_and_compile_errors(monkeypatch):
     with pytest.raises(UserError, match="--channels-last is slower on a GPU"):
         prepare_model(DepthFlow("mitb0", size=64), InferenceOptions(torch.device("cuda"), channels_last=True))
-    monkeypatch.setattr(inference.shutil, "which", lambda name: None)
+    monkeypatch.setattr(utils.device.shutil, "which", lambda name: None)
     with pytest.raises(UserError, match="--compile on a CPU needs a C\\+\\+ compiler"):
         prepare_model(DepthFlow("mitb0", size=64), InferenceOptions(CPU, compile=True))
 

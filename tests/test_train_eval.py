@@ -10,6 +10,7 @@ from PIL import Image
 
 import evaluator
 import run
+import utils.device
 from dataset import DATASETS, scan
 from inference import InferenceOptions, Segmenter
 from model import DepthFlow
@@ -124,6 +125,30 @@ class StopAfter(StopFlag):
     def should_stop(self):
         self.steps -= 1
         return self.steps == 0
+
+
+def test_compiled_training_needs_a_compiler(toy_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(utils.device.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="--compile on a CPU needs a C\\+\\+ compiler"):
+        train(_small_args(toy_root, tmp_path / "c", "--compile"))
+
+
+@pytest.mark.skipif(not os.environ.get("DEPTHFLOW_SLOW_TESTS"), reason="compiling takes minutes on CPU; set "
+                    "DEPTHFLOW_SLOW_TESTS=1")
+def test_compiled_training_step_trains_as_eager(toy_root, tmp_path):
+    """One epoch with --compile ends where the eager run ends, up to float rounding, and its checkpoint holds
+    the plain model's names. Rounding differences reach Adam's step size on weights whose gradients are
+    near zero (Adam moves every weight by about lr), so the check is on the whole update: the runs' weight
+    changes differ by under 0.1% of their size (measured: 0.005%)."""
+    eager = train(_small_args(toy_root, tmp_path / "eager", "--epochs", "1"))
+    compiled = train(_small_args(toy_root, tmp_path / "compiled", "--epochs", "1", "--compile"))
+    a, b = (read_project_checkpoint(p / "last.pth")["model"] for p in (eager, compiled))
+    assert a.keys() == b.keys()
+    torch.manual_seed(0)  # the runs' --seed: their starting weights
+    start = DepthFlow("mitb0", size=32).state_dict()
+    update = torch.cat([(a[k] - start[k]).flatten() for k in a])
+    apart = torch.cat([(a[k] - b[k]).flatten() for k in a])
+    assert update.norm() > 1e-3 and apart.norm() < 1e-3 * update.norm(), (apart.norm(), update.norm())
 
 
 @pytest.mark.parametrize("stop_after", [3, 4])  # mid-epoch, and at an epoch boundary

@@ -1,7 +1,9 @@
 """Device selection, mixed precision and the machine's core count: the few facts every program asks."""
 
 import contextlib
+import importlib.util
 import os
+import shutil
 
 import torch
 
@@ -40,3 +42,14 @@ def available_cores() -> int:
 def default_workers(limit: int = 8) -> int:
     """Data-loading processes when --workers is not given: every core, up to `limit`."""
     return max(1, min(limit, available_cores()))
+
+
+def check_compiler(device: torch.device) -> None:
+    """Stop with one line, before any work, if torch.compile could not build kernels for `device`."""
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise UserError("--compile on a GPU needs Triton, which this Python lacks (pip install triton, or drop "
+                        "--compile)")
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++")
+                                        if c):
+        raise UserError("--compile on a CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop "
+                        "--compile")

@@ -14,6 +14,9 @@ class Context:
     rank: int
     world_size: int
     device: torch.device
+    # Process group for the host-side agreements (any_rank, first_message): gloo, so that deciding whether to
+    # go on never waits for a GPU's queued work. None: the default group (itself gloo on CPUs).
+    control: object = None
 
     @property
     def is_main(self) -> bool:
@@ -36,16 +39,26 @@ def init(device_name: str) -> Context:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Context(rank, world_size, device)
+    control = dist.new_group(backend="gloo") if device.type == "cuda" else None
+    return Context(rank, world_size, device, control)
 
 
 def any_rank(flag: bool, ctx: Context) -> bool:
     """True on every rank if it is true on any, so all ranks take the same branch."""
     if not ctx.distributed:
         return flag
-    value = torch.tensor([float(flag)], device=ctx.device if ctx.device.type == "cuda" else "cpu")
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    value = torch.tensor([float(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=ctx.control)
     return bool(value.item())
+
+
+def first_message(message: str | None, ctx: Context) -> str | None:
+    """On every rank, the message of the lowest rank that has one (say, the error that stops them all)."""
+    if not ctx.distributed:
+        return message
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, message, group=ctx.control)
+    return next((m for m in gathered if m is not None), None)
 
 
 def gather_to_main(obj, ctx: Context) -> list | None:
@@ -68,7 +81,7 @@ def shard_by_size(sizes: list[int], ctx: Context) -> list[int]:
 
 def barrier(ctx: Context) -> None:
     if ctx.distributed:
-        dist.barrier()
+        dist.barrier(group=ctx.control)
 
 
 def shutdown(ctx: Context) -> None:
