@@ -17,7 +17,7 @@ def resize_bicubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def class_masks(logits: torch.Tensor) -> torch.Tensor:
     """Bx2xHxW logits -> BxHxW uint8 masks, 1 = object: the argmax over the two classes, ties going to the
     background as argmax's do, at a small fraction of argmax's cost on a CPU."""
-    return (logits[:, 1] > logits[:, 0]).to(torch.uint8)
+    return (logits[:, 1] > logits[:, 0]).view(torch.uint8)  # bools are 0/1 bytes: a view, not a conversion
 
 
 class DepthFlow(nn.Module):

@@ -145,7 +145,8 @@ def test_benchmark_quick_mode(tmp_path, capsys):
     assert e2e["frames"] == 24 and [r["variant"] for r in e2e["ours"]] == names[:1] + names[2:3]
     assert all(r["pixel_agreement"] > 0.999 and r["mask_iou"] > 0.99 for r in e2e["ours"])
     host = report["host_pipeline"]
-    assert [r["network"] for r in host] == ["stand-in network (host only)", "mitb0 at --size 32"]
+    assert [r["network"] for r in host] == ["stand-in network (host only), PIL decoding",
+                                            "stand-in network (host only)", "mitb0 at --size 32"]
     assert all(r["frames"] == 16 and r["frames_per_s"] > 0 and r["cores"] >= 1 for r in host)
     loader = report["training_loader"]
     assert loader["samples"] == 2 * 32 - 2 and loader["samples_per_s_per_core"] > 0  # the first batch is warm-up

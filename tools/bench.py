@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import utils.io
 from inference import InferenceOptions, Segmenter, prepare_model
 from model import DepthFlow
 from model.depthflow import class_masks
@@ -258,6 +259,17 @@ class HostOnlySegmenter(Segmenter):
         return frames
 
 
+@contextlib.contextmanager
+def pil_decoding():
+    """Frames decoded by PIL, as before the OpenCV path (utils.io.read_rgb), for a baseline in the same process:
+    the decoder choice is a per-process setting, which loader processes inherit when they start."""
+    saved, utils.io._fast_jpeg = utils.io._fast_jpeg, False
+    try:
+        yield
+    finally:
+        utils.io._fast_jpeg = saved
+
+
 def bench_host_pipeline(device, workers: int, frames: int, batch_size: int) -> list[dict]:
     """`--test`'s whole loop on 854x480 toy DAVIS videos, with the stand-in network and with MiT-B0 at
     --size 32 (almost free): frames/s, and per core of the processes' share of the machine."""
@@ -273,10 +285,13 @@ def bench_host_pipeline(device, workers: int, frames: int, batch_size: int) -> l
         n, cores = sum(len(v.frames) for v in videos), available_cores()
         rows = []
         options = InferenceOptions(device, batch_size=batch_size, workers=workers)
-        for name, segmenter in (("stand-in network (host only)", HostOnlySegmenter(options)),
-                                ("mitb0 at --size 32", Segmenter(DepthFlow("mitb0", size=32), options))):
+        for name, segmenter, decoding in (
+                ("stand-in network (host only), PIL decoding", HostOnlySegmenter(options), pil_decoding()),
+                ("stand-in network (host only)", HostOnlySegmenter(options), contextlib.nullcontext()),
+                ("mitb0 at --size 32", Segmenter(DepthFlow("mitb0", size=32), options), contextlib.nullcontext())):
             start = time.perf_counter()
-            evaluate_dataset(segmenter, DATASETS["davis"], videos, out_dir=root / "masks", progress=False)
+            with decoding:
+                evaluate_dataset(segmenter, DATASETS["davis"], videos, out_dir=root / "masks", progress=False)
             fps = n / (time.perf_counter() - start)
             rows.append({"network": name, "frames": n, "workers": workers, "cores": cores, "frames_per_s": fps,
                          "frames_per_s_per_core": fps / cores})
