@@ -145,8 +145,9 @@ class EpochFigures:
     """Loss and pooled foreground IoU of the steps so far, kept on the device: reading them is the only
     synchronisation, done once per LOG_EVERY steps and per epoch rather than every step."""
 
-    def __init__(self, device: torch.device):
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, intersection, union
+    def __init__(self, ctx: distributed.Context):
+        self.ctx = ctx
+        self.sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss, intersection, union
         self.steps = 0
 
     @torch.no_grad()
@@ -157,10 +158,12 @@ class EpochFigures:
         self.steps += 1
 
     def read(self) -> dict:
+        """Over the whole global batches: every process's share (under torchrun all ranks call this together)."""
         if not self.steps:
             return {"loss": None, "iou": None}
-        loss, inter, union = self.sums.tolist()
-        return {"loss": loss / self.steps, "iou": 1.0 if union == 0 else inter / union}
+        loss, inter, union = distributed.sum_over_ranks(self.sums, self.ctx).tolist()
+        # Each process's loss is the mean over its equal share of a global batch; their mean is the batch's.
+        return {"loss": loss / (self.steps * self.ctx.world_size), "iou": 1.0 if union == 0 else inter / union}
 
 
 def train(args, stop: StopFlag | None = None) -> Path:
@@ -308,7 +311,7 @@ class TrainingRun:
     def _epoch(self, epoch: int, batches, skip: int) -> int | None:
         """Train one epoch; returns the step at which a stop signal ended it, or None."""
         self.net.train()
-        self.figures, self.epoch_start = EpochFigures(self.ctx.device), time.time()
+        self.figures, self.epoch_start = EpochFigures(self.ctx), time.time()
         steps = self.batches.steps_per_epoch
         bar = tqdm(range(skip + 1, steps + 1), desc=f"epoch {epoch + 1}/{self.epochs}", leave=False,
                    disable=None if self.ctx.is_main else True)

@@ -184,6 +184,10 @@ def test_ddp_two_cpu_processes_match_one_process(toy_root, tmp_path):
     a = read_project_checkpoint(single / "last.pth")["model"]
     b = read_project_checkpoint(tmp_path / "ddp" / "last.pth")["model"]
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    # The logged figures are the whole global batches', not rank 0's share.
+    (one,), (two,) = ([json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()]
+                      for p in (single, tmp_path / "ddp"))
+    assert abs(one["loss"] - two["loss"]) < 1e-4 * one["loss"] and abs(one["iou"] - two["iou"]) < 1e-3
     assert any(not torch.equal(a[k], DepthFlow("mitb0", size=32).state_dict()[k]) for k in a)
 
 

@@ -52,6 +52,15 @@ def any_rank(flag: bool, ctx: Context) -> bool:
     return bool(value.item())
 
 
+def sum_over_ranks(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """The element-wise sum of `tensor` over every rank, as a new tensor (`tensor` itself without torchrun)."""
+    if not ctx.distributed:
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total)
+    return total
+
+
 def first_message(message: str | None, ctx: Context) -> str | None:
     """On every rank, the message of the lowest rank that has one (say, the error that stops them all)."""
     if not ctx.distributed:
