@@ -4,7 +4,7 @@ dataset's mask rule, then joint horizontal and vertical flips of image, flow and
 The flow image is flipped as pixels, its colours are not remapped: that is what the reference trains on.
 Image and flow are resized by torch's antialiased bicubic filter on uint8, the filter PIL uses, in a
 vectorised form about 6x faster than PIL's; it rounds differently on a fraction of a percent of values,
-by 1 or 2 levels in 255 (measured and tested in tests/test_dataset.py).
+by 1 or 2 levels in 255 (tests/test_image_io.py).
 """
 
 import random
