@@ -23,7 +23,7 @@ from dataset import DATASETS, DEFAULT_DATA_ROOT, TEST_DATASETS, DatasetSpec, Fra
 from inference import InferenceOptions, Segmenter, helper_pool_context, init_helper, masks_from_output
 from utils import distributed
 from utils.device import default_workers
-from utils.errors import ArgumentParser, UserError, cli_entry
+from utils.errors import ArgumentParser, UserError, cli_entry, deferring_ctrl_c
 from utils.io import check_writable, write_text_atomic
 from utils.metrics import FrameScore, davis_summary, j_summary, score_frame
 from utils.palette import read_mask, save_palette_mask
@@ -73,7 +73,8 @@ class _Finisher:
         if self.pool is None:
             return [(key, finish_batch(*job))]
         try:
-            future = self.pool.submit(finish_batch, *job)
+            with deferring_ctrl_c():  # the first submission starts the helper processes
+                future = self.pool.submit(finish_batch, *job)
         except BrokenProcessPool:  # a helper died since the last submission; its job is one of the pending
             for item in self.pending:
                 self._result(*item)
@@ -161,7 +162,9 @@ def score_saved(spec: DatasetSpec, videos: list[Video], results_dir, workers: in
         raise UserError(f"results folder not found: {results_dir} (expected {results_dir}/<video>/<frame>.png)")
     jobs = [(spec, v, str(results_dir)) for v in videos]
     if workers > 1:
-        with helper_pool_context().Pool(workers, initializer=init_helper) as pool:
+        with deferring_ctrl_c():
+            pool = helper_pool_context().Pool(workers, initializer=init_helper)
+        with pool:
             scores = dict(pool.map(_score_saved_video, jobs))
     else:
         scores = dict(map(_score_saved_video, jobs))

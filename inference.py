@@ -33,7 +33,7 @@ from model.depthflow import DepthFlow, class_masks, resize_bicubic
 from model.winograd import use_winograd, winograd_available
 from transforms import frames_to_float
 from utils.device import autocast_context, check_compiler
-from utils.errors import UserError
+from utils.errors import UserError, deferring_ctrl_c
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,9 @@ class Segmenter:
         previous = None
         with self.reporting_loader_deaths(), tqdm(total=len(frames), unit="frame", desc=desc,
                                                   disable=None if progress else True, leave=False) as bar:
-            for batch in loader:
+            with deferring_ctrl_c():
+                batches = iter(loader)  # starts the loader processes
+            for batch in batches:
                 current = self._launch(batch, videos)
                 if previous is not None:
                     yield self._collect(previous, videos, timing)

@@ -32,7 +32,7 @@ from model.depthflow import class_masks
 from transforms import frames_to_float
 from utils import distributed
 from utils.device import autocast_context, check_compiler
-from utils.errors import UserError, one_line
+from utils.errors import UserError, deferring_ctrl_c, one_line
 from utils.io import check_writable, write_text_atomic
 
 # Training sets per stage, as "dataset:samples per epoch" (README, 'Training').
@@ -295,7 +295,8 @@ class TrainingRun:
         loader = DataLoader(self.data, batch_sampler=self.batches.plan(self.start_epoch, self.start_step, self.epochs),
                             num_workers=args.workers, pin_memory=ctx.device.type == "cuda",
                             prefetch_factor=4 if args.workers else None)
-        batches = iter(loader)
+        with deferring_ctrl_c():
+            batches = iter(loader)  # starts the loader processes
         for epoch in range(self.start_epoch, self.epochs):
             skip = self.start_step if epoch == self.start_epoch else 0
             stopped_at = self._epoch(epoch, batches, skip)

@@ -1,8 +1,11 @@
 """User-facing errors: one line, non-zero exit, no traceback."""
 
 import argparse
+import contextlib
 import functools
+import signal
 import sys
+import threading
 
 
 class UserError(Exception):
@@ -11,6 +14,28 @@ class UserError(Exception):
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C
+
+
+@contextlib.contextmanager
+def deferring_ctrl_c():
+    """Hold Ctrl-C back while the block starts processes, then deliver it to whoever handles it.
+
+    Python runs a signal's handler between bytecodes. One that lands while the process forks runs inside
+    an at-fork callback (the logging module registers one), where the KeyboardInterrupt it raises is
+    printed and dropped, and the run carries on as if Ctrl-C had not been pressed. Inside the block the
+    handler only notes the signal; afterwards the signal is raised again under the usual handler. Children
+    forked meanwhile keep the noting handler: Ctrl-C is the main process's to handle, and it stops them."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pressed:
+            signal.raise_signal(signal.SIGINT)
 
 
 def one_line(err: UserError) -> str:
