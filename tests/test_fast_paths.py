@@ -148,6 +148,7 @@ def test_benchmark_quick_mode(tmp_path, capsys):
     assert [r["network"] for r in host] == ["stand-in network (host only), PIL decoding",
                                             "stand-in network (host only)", "mitb0 at --size 32"]
     assert all(r["frames"] == 16 and r["frames_per_s"] > 0 and r["cores"] >= 1 for r in host)
+    assert all(0 < r["main_process_ms_per_frame"] < 1000 * r["cores"] / r["frames_per_s"] for r in host)
     loader = report["training_loader"]
     assert loader["samples"] == 2 * 32 - 2 and loader["samples_per_s_per_core"] > 0  # the first batch is warm-up
     assert loader["one_process_samples_per_s"] > 0 and loader["one_process_pil_samples_per_s"] > 0
