@@ -1,5 +1,9 @@
+import contextlib
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,15 +19,26 @@ def run_cli(*args, cwd=ROOT, timeout=600):
     return proc.returncode, proc.stdout, proc.stderr
 
 
+@contextlib.contextmanager
+def hearing_ctrl_c():
+    """Let processes started in the block hear Ctrl-C. A shell starts background jobs with SIGINT ignored,
+    and children inherit that; the tests that press Ctrl-C would then see it ignored."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def ctrl_c_once(args, ready: Path, cwd=ROOT):
     """Run a project command, press Ctrl-C (SIGINT to its whole process group, loader workers included) once
     `ready` exists, and return (returncode, stdout, stderr)."""
-    import os
-    import signal
-    import time
-
-    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    with hearing_ctrl_c():
+        proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
     while not ready.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)

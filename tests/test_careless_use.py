@@ -18,7 +18,7 @@ from flow_synthesis.__main__ import main as synth_main
 from flow_synthesis.video_flow import main as flow_main
 from model import DepthFlow
 from model.checkpoints import read_project_checkpoint, save_project_checkpoint
-from tests.conftest import ROOT, assert_one_line_error, ctrl_c_once, run_main
+from tests.conftest import ROOT, assert_one_line_error, ctrl_c_once, hearing_ctrl_c, run_main
 from trainer import GlobalBatches, train
 from utils import distributed
 from utils.io import save_image_atomic, write_text_atomic
@@ -156,7 +156,10 @@ def test_a_corrupt_file_one_process_reads_stops_every_process(toy_copy, tmp_path
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert errors and all("truncated" in line and str(victim) in line for line in errors), proc.stderr[-3000:]
     ours = [line for line in proc.stderr.splitlines() if f'File "{ROOT}/' in line and ".venv" not in line]
-    assert len(errors) == 2 and not ours  # no traceback through the project's code; torchrun reports its own
+    # Each process prints the line as it leaves; torchrun may stop the slower one before it does (it ends the
+    # others once one process has failed), so one or two lines. No traceback through the project's code:
+    # torchrun reports its own.
+    assert len(errors) <= 2 and not ours
     state = read_project_checkpoint(out / "last.pth")
     assert (state["epoch"], state["step"]) == where
 
@@ -291,17 +294,22 @@ def test_depth_maps_that_are_not_plain_numbers(toy_root, tmp_path, check, conten
           expect=[str(npy), "not a plain numeric" if content == "object" else "NaN"])
 
 
-def test_ctrl_c_in_test_keeps_the_finished_datasets(toy_root, tmp_path):
+def test_ctrl_c_in_test_keeps_the_finished_datasets(tmp_path):
+    from tools.toydata import generate
+
+    # A short DAVIS, then enough of YouTube-Objects (11 videos) that Ctrl-C, pressed once DAVIS's results are
+    # written, lands seconds before the run could finish, however fast this machine is.
+    root = generate(tmp_path / "toy", size=(64, 96), videos=1, frames=4, datasets=("davis",))
+    generate(root, size=(64, 96), frames=24, datasets=("ytobj",))
     out = tmp_path / "o"
-    code, _, stderr = ctrl_c_once(["run.py", "--test", "--checkpoint", _tiny(tmp_path), "--data-root", toy_root,
+    code, _, stderr = ctrl_c_once(["run.py", "--test", "--checkpoint", _tiny(tmp_path), "--data-root", root,
                                    "--datasets", "davis,ytobj", "--output", out, "--device", "cpu", "--workers", "1",
                                    "--batch-size", "1"], ready=out / "results.json")
     results = json.loads((out / "results.json").read_text())
-    # YouTube-Objects takes seconds after DAVIS: a run that finished ignored the Ctrl-C (as when it landed
-    # while loader processes were being forked).
+    # A run that finished ignored the Ctrl-C (as when it landed while loader processes were being forked).
     assert code == 130 and "Traceback" not in stderr, stderr[-2000:]
     assert [line for line in stderr.splitlines() if line.strip()][-1].startswith("error: interrupted")
-    assert "davis" in results and results["davis"]["metrics"]["J&F-Mean"] >= 0
+    assert list(results) == ["davis"] and results["davis"]["metrics"]["J&F-Mean"] >= 0
 
 
 _CTRL_C_MID_FORK = """
@@ -324,8 +332,9 @@ def test_ctrl_c_that_lands_while_processes_start_is_not_lost():
     """Python drops a KeyboardInterrupt raised in an at-fork callback, so Ctrl-C pressed while loader or
     helper processes start was ignored (the run went on to the end); deferred, it interrupts after the fork."""
     def run(mode):
-        proc = subprocess.run([sys.executable, "-c", _CTRL_C_MID_FORK, mode], cwd=ROOT, capture_output=True,
-                              text=True, timeout=60)
+        with hearing_ctrl_c():
+            proc = subprocess.run([sys.executable, "-c", _CTRL_C_MID_FORK, mode], cwd=ROOT, capture_output=True,
+                                  text=True, timeout=60)
         return proc.stdout.strip()
 
     assert run("plain") == "carried on"  # the failure this guards against, on this Python
