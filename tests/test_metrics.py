@@ -42,6 +42,26 @@ def test_seg2bmap_by_hand():
     assert seg2bmap(border)[2].tolist() == [True, True, False]
 
 
+def _toolkit_seg2bmap(seg):
+    """The toolkit's construction, literally: shifted copies padded with background, then its edge rules."""
+    seg = seg.astype(bool)
+    e, s, se = np.zeros_like(seg), np.zeros_like(seg), np.zeros_like(seg)
+    e[:, :-1], s[:-1, :], se[:-1, :-1] = seg[:, 1:], seg[1:, :], seg[1:, 1:]
+    b = seg ^ e | seg ^ s | seg ^ se
+    b[-1, :] = seg[-1, :] ^ e[-1, :]
+    b[:, -1] = seg[:, -1] ^ s[:, -1]
+    b[-1, -1] = 0
+    return b
+
+
+def test_seg2bmap_equals_the_toolkits_construction():
+    rng = np.random.default_rng(3)
+    for h, w in [(1, 1), (1, 7), (6, 1), (2, 2), (17, 23), (48, 64)]:
+        for density in (0.0, 0.1, 0.5, 1.0):
+            seg = (rng.random((h, w)) < density).astype(np.uint8) * 255
+            assert np.array_equal(seg2bmap(seg), _toolkit_seg2bmap(seg)), (h, w, density)
+
+
 def test_disk_matches_skimage_definition():
     assert disk(1).tolist() == [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
     d2 = disk(2)

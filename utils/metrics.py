@@ -19,10 +19,10 @@ BOUNDARY_THRESHOLD = 0.008
 def jaccard(pred: np.ndarray, gt: np.ndarray) -> float:
     """|P and G| / |P or G|; 1 where the union is empty."""
     pred, gt = pred.astype(bool), gt.astype(bool)
-    union = np.sum(pred | gt)
+    union = np.count_nonzero(pred | gt)
     if union == 0:
         return 1.0
-    return float(np.sum(pred & gt) / union)
+    return float(np.count_nonzero(pred & gt) / union)
 
 
 def seg2bmap(seg: np.ndarray) -> np.ndarray:
@@ -31,16 +31,11 @@ def seg2bmap(seg: np.ndarray) -> np.ndarray:
     The last row compares only eastwards, the last column only southwards, and the corner is never boundary.
     """
     seg = seg.astype(bool)
-    e = np.zeros_like(seg)
-    s = np.zeros_like(seg)
-    se = np.zeros_like(seg)
-    e[:, :-1] = seg[:, 1:]
-    s[:-1, :] = seg[1:, :]
-    se[:-1, :-1] = seg[1:, 1:]
-    b = seg ^ e | seg ^ s | seg ^ se
-    b[-1, :] = seg[-1, :] ^ e[-1, :]
-    b[:, -1] = seg[:, -1] ^ s[:, -1]
-    b[-1, -1] = 0
+    b = np.zeros_like(seg)
+    # Each comparison is written only where its neighbour exists, which gives the edge rules above.
+    b[:, :-1] |= seg[:, :-1] ^ seg[:, 1:]
+    b[:-1, :] |= seg[:-1, :] ^ seg[1:, :]
+    b[:-1, :-1] |= seg[:-1, :-1] ^ seg[1:, 1:]
     return b
 
 
