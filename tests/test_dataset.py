@@ -8,7 +8,7 @@ from PIL import Image
 from dataset import DATASETS, Source, TrainingFrames, VideoFrames, scan, video_batches
 from transforms import TrainTransform, resize_mask
 from utils.errors import UserError
-from utils.palette import binarise, read_mask, save_palette_mask
+from utils.palette import DAVIS_PALETTE, binarise, read_mask, save_palette_mask
 
 
 def test_every_layout_scans(toy_root):
@@ -71,6 +71,22 @@ def test_binarisation_rules(tmp_path):
     save_palette_mask(np.array([[0, 2], [3, 0]], np.uint8), tmp_path / "m.png")
     assert read_mask(tmp_path / "m.png", "nonzero").tolist() == [[0, 1], [1, 0]]
     assert Image.open(tmp_path / "m.png").mode == "P"
+
+
+def _png_bit_depth(path) -> int:
+    return path.read_bytes()[24]  # IHDR: 8-byte signature, 8 bytes of chunk header, width, height, bit depth
+
+
+@pytest.mark.parametrize("labels", [1, 2, 4, 16, 200])
+def test_palette_masks_keep_labels_and_colours_in_few_bits(tmp_path, labels):
+    rng = np.random.default_rng(labels)
+    mask = rng.integers(0, labels + 1, (37, 53)).astype(np.uint8)
+    mask[0, 0] = labels  # the largest label is present
+    save_palette_mask(mask, tmp_path / "m.png")
+    img = Image.open(tmp_path / "m.png")
+    assert img.mode == "P" and np.array_equal(np.asarray(img), mask)
+    assert img.getpalette()[:3 * (labels + 1)] == DAVIS_PALETTE[:3 * (labels + 1)]
+    assert _png_bit_depth(tmp_path / "m.png") == {1: 1, 2: 2, 4: 4, 16: 8, 200: 8}[labels]
 
 
 def test_mask_resize_rules():
