@@ -34,6 +34,7 @@ from model.winograd import use_winograd, winograd_available
 from transforms import frames_to_float
 from utils.device import autocast_context, check_compiler
 from utils.errors import UserError, deferring_ctrl_c
+from utils.host_memory import init_loader_worker, reuse_freed_buffers
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ class Segmenter:
         frames = self._frames = VideoFrames(videos, self.options.workers)
         workers = self.options.workers
         loader = DataLoader(frames, batch_sampler=plan, num_workers=workers, pin_memory=self.on_gpu,
-                            prefetch_factor=4 if workers else None)
+                            prefetch_factor=4 if workers else None, worker_init_fn=init_loader_worker)
         previous = None
         with self.reporting_loader_deaths(), tqdm(total=len(frames), unit="frame", desc=desc,
                                                   disable=None if progress else True, leave=False) as bar:
@@ -243,6 +244,7 @@ def init_helper() -> None:
     and deaf to Ctrl-C, which the main process handles for all."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
+    reuse_freed_buffers()
 
 
 def helper_pool_context():

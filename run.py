@@ -13,6 +13,7 @@ from dataset import DATASETS, DEFAULT_DATA_ROOT, TEST_DATASETS
 from model.mit import BACKBONES
 from utils.device import AMP_MODES, default_workers
 from utils.errors import ArgumentParser, UserError, cli_entry
+from utils.host_memory import NETWORK_BUFFERS, reuse_freed_buffers
 
 
 def _root_flags() -> dict[str, str]:
@@ -138,6 +139,7 @@ def run_test(args) -> None:
 @cli_entry
 def main(argv=None):
     args = parse_args(argv)
+    reuse_freed_buffers(NETWORK_BUFFERS)  # batch after batch, a CPU network reuses its activations' memory
     if args.train:
         from trainer import train
 

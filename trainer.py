@@ -33,6 +33,7 @@ from transforms import frames_to_float
 from utils import distributed
 from utils.device import autocast_context, check_compiler
 from utils.errors import UserError, deferring_ctrl_c, one_line
+from utils.host_memory import init_loader_worker
 from utils.io import check_writable, write_text_atomic
 
 # Training sets per stage, as "dataset:samples per epoch" (README, 'Training').
@@ -294,7 +295,7 @@ class TrainingRun:
         args, ctx = self.args, self.ctx
         loader = DataLoader(self.data, batch_sampler=self.batches.plan(self.start_epoch, self.start_step, self.epochs),
                             num_workers=args.workers, pin_memory=ctx.device.type == "cuda",
-                            prefetch_factor=4 if args.workers else None)
+                            prefetch_factor=4 if args.workers else None, worker_init_fn=init_loader_worker)
         with deferring_ctrl_c():
             batches = iter(loader)  # starts the loader processes
         for epoch in range(self.start_epoch, self.epochs):
