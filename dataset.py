@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from transforms import TrainTransform, to_uint8_tensor
+from transforms import TrainTransform
 from utils.errors import UserError
 from utils.io import FRAME_EXTENSIONS, read_rgb
 from utils.palette import binarise, read_label_image
@@ -211,14 +211,16 @@ def scan(spec: DatasetSpec, root) -> list[Video]:
 class VideoFrames(Dataset):
     """All frames of a list of videos, one item per frame, for streaming inference.
 
-    Pair with `video_batches` so that a batch never spans two videos. Items hold the image and flow as
-    3xHxW uint8 tensors (the device turns them into floats) and where the frame comes from; ground truth
-    is read by whoever scores the masks. With loader processes, each one notes which frame it is decoding,
-    so a process that dies can be reported by the frame that killed it.
+    Pair with `video_batches` so that a batch never spans two videos. An item is one 2xHxWx3 uint8 tensor:
+    the frame's image and flow as decoded, left for the device to reorder and turn into floats. One tensor
+    and nothing else, because each tensor a loader process hands over costs a socket round trip; where a
+    frame comes from is `index[i]`, which the consumer knows from the batch plan. Ground truth is read by
+    whoever scores the masks. With loader processes, each one notes which frame it is decoding, so a
+    process that dies can be reported by the frame that killed it.
     """
 
     def __init__(self, videos: list[Video], workers: int = 0):
-        self.index = [(v, f) for v, video in enumerate(videos) for f in range(len(video.frames))]
+        self.index = [(v, f) for v, video in enumerate(videos) for f in range(len(video.frames))]  # (video, frame)
         self.videos = videos
         self._decoding = multiprocessing.Array("q", 2 * workers, lock=False) if workers else None
 
@@ -242,15 +244,14 @@ class VideoFrames(Dataset):
         if info is not None and self._decoding is not None:
             self._decoding[2 * info.id], self._decoding[2 * info.id + 1] = os.getpid(), i
 
-    def __getitem__(self, i):
+    def __getitem__(self, i) -> torch.Tensor:
         self._note(i)
         frame = self.frame(i)
         image, flow = read_rgb(frame.image), read_rgb(frame.flow)
         if flow.shape != image.shape:
             raise UserError(f"flow {frame.flow} is {_size(flow)}, its frame {frame.image} is {_size(image)} "
                             "(expected equal sizes)")
-        return {"image": to_uint8_tensor(image), "flow": to_uint8_tensor(flow), "video": self.index[i][0],
-                "frame": self.index[i][1]}
+        return torch.from_numpy(np.stack((image, flow)))
 
 
 def _size(pixels: np.ndarray) -> str:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -70,11 +69,6 @@ def listed_frames(path: Path) -> list[Path] | None:
     if path.suffix.lower() not in VIDEO_EXTENSIONS:
         raise UserError(f"--demo {path}: not a video file (expected {', '.join(VIDEO_EXTENSIONS)} or a folder)")
     return None
-
-
-def hwc(frame: torch.Tensor) -> np.ndarray:
-    """The loader's 3xHxW uint8 tensor as the HxWx3 image it was decoded from."""
-    return frame.permute(1, 2, 0).numpy()
 
 
 def overlay(rgb: np.ndarray, mask: np.ndarray, flow_rgb: np.ndarray) -> np.ndarray:
@@ -153,7 +147,7 @@ def write_outputs(segmenter, video: Video, out: Path, size: tuple[int, int]) -> 
         for batch in segmenter.batches([video]):
             for index, mask, image, flow in zip(batch.frames, batch.masks(), batch.images, batch.flows):
                 save_palette_mask(mask, out / "masks" / f"{video.frames[index].stem}.png")
-                composed = overlay(hwc(image), mask, hwc(flow))
+                composed = overlay(image.numpy(), mask, flow.numpy())
                 writer.write(np.ascontiguousarray(composed[..., ::-1]))
                 if index in wanted:
                     scale = min(1.0, SHEET_TILE_WIDTH / composed.shape[1])

@@ -43,10 +43,21 @@ def scored_frames(spec: DatasetSpec, video: Video) -> list[int]:
     return [i for i, f in enumerate(video.frames) if f.mask is not None]
 
 
+def packed_output(output: np.ndarray) -> np.ndarray:
+    """A Batch's output as it travels to a helper process: masks (0/1 bytes) packed 8 pixels to a byte,
+    so the pipe carries an eighth of the bytes; the CPU path's logits as they are."""
+    return np.packbits(output, axis=-1) if output.ndim == 3 else output
+
+
+def unpacked_output(output: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return np.unpackbits(output, axis=-1, count=size[1]) if output.ndim == 3 else output
+
+
 def finish_batch(output: np.ndarray, size: tuple[int, int], frames: list[Frame], indices: list[int],
                  out_paths: list[Path] | None, mask_rule: str, boundary: bool) -> list[FrameScore]:
-    """Masks of one batch (inference.Batch.output) to PNGs and scores; runs in a helper process."""
-    masks = masks_from_output(output, size)
+    """Masks of one batch (packed_output of inference.Batch.output) to PNGs and scores; runs in a helper
+    process."""
+    masks = masks_from_output(unpacked_output(output, size), size)
     scores = []
     for k, (mask, frame, index) in enumerate(zip(masks, frames, indices)):
         if out_paths is not None:
@@ -124,7 +135,8 @@ def segment_dataset(segmenter: Segmenter, spec: DatasetSpec, videos: list[Video]
             frames = [video.frames[i] for i in batch.frames]
             outs = [out_dir / video.key / f"{f.stem}.png" for f in frames] if out_dir is not None else None
             where = f"{video.key} (frames {frames[0].stem} to {frames[-1].stem})"
-            for key, done in finisher.submit(video.key, where, batch.output, tuple(batch.images.shape[-2:]), frames,
+            for key, done in finisher.submit(video.key, where, packed_output(batch.output),
+                                             batch.size, frames,
                                              batch.frames, outs, spec.mask_rule, boundary):
                 scores[key] += done
         for key, done in finisher.drain():

@@ -1,8 +1,9 @@
 """Streaming inference: batches of video frames in, network outputs out, with the device kept busy.
 
-Loader processes decode frames into uint8 tensors (a quarter of float32's bytes to copy). The main
-process only moves a batch to the device, turns it into floats there, runs the network and starts the
-copy of the result back; while the device works on one batch, the caller handles the previous one. What
+Loader processes decode frames into uint8 tensors, in the decoder's HxWx3 layout (a quarter of
+float32's bytes to copy, and no reordering on the host). The main process only moves a batch to the
+device, reorders it and turns it into floats there, runs the network and starts the copy of the result
+back; while the device works on one batch, the caller handles the previous one. What
 callers do with masks (writing PNGs, scoring) runs in their own worker processes (evaluator.py), so the
 loop that launches kernels never waits for it.
 
@@ -62,12 +63,25 @@ class Batch:
 
     video: Video
     frames: list[int]  # positions in the video
-    images: torch.Tensor  # Bx3xHxW uint8, on the host
-    flows: torch.Tensor
+    pixels: torch.Tensor  # Bx2xHxWx3 uint8 on the host: each frame's image and flow, as decoded
     output: np.ndarray  # BxHxW uint8 masks, or (CPU) Bx2xSxS float32 logits at the network's size S
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the frames."""
+        return tuple(self.pixels.shape[2:4])
+
+    @property
+    def images(self) -> torch.Tensor:
+        """BxHxWx3 uint8."""
+        return self.pixels[:, 0]
+
+    @property
+    def flows(self) -> torch.Tensor:
+        return self.pixels[:, 1]
+
     def masks(self) -> np.ndarray:
-        return masks_from_output(self.output, tuple(self.images.shape[-2:]))
+        return masks_from_output(self.output, self.size)
 
 
 def masks_from_output(output: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -100,8 +114,8 @@ def prepare_model(model: DepthFlow, options: InferenceOptions) -> DepthFlow:
 
 @dataclass
 class _InFlight:
-    batch: dict
-    frames: int  # real frames in the batch, before padding
+    indices: list[int]  # into the run's VideoFrames
+    pixels: torch.Tensor  # as the loader made them
     output: torch.Tensor
     seconds: float  # the network's time (on a GPU, replaced by the events' once they have happened)
     events: tuple[torch.cuda.Event, ...] = ()  # (start, end, copied back), on a GPU
@@ -123,7 +137,7 @@ class Segmenter:
         self.fixed_shapes = self.on_gpu or options.compile
         self._ready_shapes: set[tuple[int, ...]] = set()
         # Input buffers reused batch after batch on a CPU (frames_to_float); a GPU's allocator caches its own.
-        self._float_buffers: dict[tuple, torch.Tensor] = {}
+        self._float_buffers: dict[torch.Size, torch.Tensor] = {}
         self._frames: VideoFrames | None = None  # of the run in progress, to name a frame that kills a loader
 
     def batches(self, videos: list[Video], *, timing: dict | None = None, desc: str = "segmenting",
@@ -144,15 +158,15 @@ class Segmenter:
                                                   disable=None if progress else True, leave=False) as bar:
             with deferring_ctrl_c():
                 batches = iter(loader)  # starts the loader processes
-            for batch in batches:
-                current = self._launch(batch, videos)
+            for indices, pixels in zip(plan, batches):  # the loader keeps the plan's order
+                current = self._launch(indices, pixels, videos)
                 if previous is not None:
                     yield self._collect(previous, videos, timing)
-                    bar.update(previous.frames)
+                    bar.update(len(previous.indices))
                 previous = current
             if previous is not None:
                 yield self._collect(previous, videos, timing)
-                bar.update(previous.frames)
+                bar.update(len(previous.indices))
 
     @contextlib.contextmanager
     def reporting_loader_deaths(self):
@@ -171,44 +185,49 @@ class Segmenter:
             raise UserError(f"a data-loading process died while decoding {where} ({reason}); if memory ran "
                             "short, lower --workers or --batch-size") from None
 
-    def _to_device(self, frames: torch.Tensor, stream: str) -> torch.Tensor:
-        x = frames.to(self.device, non_blocking=True)
+    def _to_device(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A loader batch (Bx2xHxWx3 uint8) -> image and flow, each Bx3xHxW float32 in [0, 1] on the device."""
+        x = pixels.to(self.device, non_blocking=True)
         if self.fixed_shapes and len(x) < self.options.batch_size:
-            x = torch.cat([x, x[-1:].expand(self.options.batch_size - len(x), -1, -1, -1)])
+            x = torch.cat([x, x[-1:].expand(self.options.batch_size - len(x), -1, -1, -1, -1)])
+        planes = x.permute(1, 0, 4, 2, 3)  # 2xBx3xHxW: image and flow, channels first
         out = None
         if not self.on_gpu:  # safe to refill: a CPU network has finished with the last batch's input
-            out = self._float_buffers.get((stream, x.shape))
+            out = self._float_buffers.get(planes.shape)
             if out is None:
-                out = self._float_buffers[stream, x.shape] = torch.empty(x.shape)
-        x = frames_to_float(x, out)
-        return x.contiguous(memory_format=torch.channels_last) if self.options.channels_last else x
+                out = self._float_buffers[planes.shape] = torch.empty(planes.shape)
+        image, flow = frames_to_float(planes, out)
+        if self.options.channels_last:
+            image, flow = (t.contiguous(memory_format=torch.channels_last) for t in (image, flow))
+        return image, flow
 
-    def _launch(self, batch: dict, videos: list[Video]) -> _InFlight:
-        n = len(batch["frame"])
+    def _launch(self, indices: list[int], pixels: torch.Tensor, videos: list[Video]) -> _InFlight:
+        n = len(indices)
         try:
-            image, flow = self._to_device(batch["image"], "image"), self._to_device(batch["flow"], "flow")
+            image, flow = self._to_device(pixels)
             self._warm_up(image, flow)
             events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(3)) if self.on_gpu else ()
             with torch.inference_mode(), autocast_context(self.device, self.options.amp):
                 start = time.perf_counter()
                 if events:
                     events[0].record()
-                output = self.network(image, flow)
-                if self.masks_on_device:
-                    output = class_masks(resize_bicubic(output, tuple(image.shape[-2:])))
-                else:
-                    output = output.float().contiguous()
-                output = output[:n]
+                output = self._output(self.network(image, flow), tuple(image.shape[-2:]))[:n]
                 if events:
                     events[1].record()
                     output = output.to("cpu", non_blocking=True)
                     events[2].record()
-                return _InFlight(batch, n, output, time.perf_counter() - start, events)
+                return _InFlight(indices, pixels, output, time.perf_counter() - start, events)
         except torch.OutOfMemoryError:
-            video = videos[int(batch["video"][0])]
-            h, w = batch["image"].shape[-2:]
+            video = videos[self._frames.index[indices[0]][0]]
+            h, w = pixels.shape[2:4]
             raise UserError(f"out of GPU memory segmenting {video.key} ({w}x{h} frames) with --batch-size "
                             f"{self.options.batch_size}; lower --batch-size") from None
+
+    def _output(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """What leaves the device for the host (Batch.output)."""
+        if self.masks_on_device:
+            return class_masks(resize_bicubic(logits, size))
+        return logits.float().contiguous()
 
     def _warm_up(self, image: torch.Tensor, flow: torch.Tensor) -> None:
         """Pay compilation (and the allocator's first growth) for a new shape before the timed part."""
@@ -234,8 +253,8 @@ class Segmenter:
             done.synchronize()
             flight.seconds = start.elapsed_time(end) / 1000
         timing["forward_s"] += flight.seconds
-        batch = flight.batch
-        return Batch(videos[int(batch["video"][0])], batch["frame"].tolist(), batch["image"], batch["flow"],
+        video, _ = self._frames.index[flight.indices[0]]
+        return Batch(videos[video], [self._frames.index[i][1] for i in flight.indices], flight.pixels,
                      flight.output.numpy())
 
 

@@ -43,12 +43,14 @@ def resize_rgb(rgb: np.ndarray, size: int) -> torch.Tensor:
 
 
 def frames_to_float(frames: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 frames -> float32 in [0, 1], wherever they are (on the device, after the copy).
+    """uint8 frames -> contiguous float32 in [0, 1], wherever they are (on the device, after the copy).
 
-    `out`, a float32 tensor of the same shape, is filled instead of a new one: on a CPU, where batches of
-    video frames are tens of MB, a fresh buffer costs more in page faults than the conversion itself."""
+    `frames` may be a reordered view (the loader's HxWx3 frames seen channels first); the result is laid
+    out in the view's order. `out`, a contiguous float32 tensor of the same shape, is filled instead of a
+    new one: on a CPU, where batches of video frames are tens of MB, a fresh buffer costs more in page
+    faults than the conversion itself."""
     if out is None:
-        return frames.float().div_(255)
+        out = torch.empty(frames.shape, dtype=torch.float32, device=frames.device)
     return out.copy_(frames).div_(255)
 
 

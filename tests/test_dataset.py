@@ -41,11 +41,11 @@ def test_video_frames_items(toy_root):
     frames = VideoFrames(videos)
     assert len(frames) == 16
     item = frames[12]
-    assert item["image"].shape == item["flow"].shape == (3, 64, 96)
-    assert item["image"].dtype == item["flow"].dtype == torch.uint8 and item["image"].is_contiguous()
-    decoded = np.array(Image.open(videos[1].frames[4].image).convert("RGB"))
-    assert torch.equal(item["image"], torch.from_numpy(decoded).permute(2, 0, 1))
-    assert (item["video"], item["frame"]) == (1, 4)
+    assert item.shape == (2, 64, 96, 3) and item.dtype == torch.uint8 and item.is_contiguous()
+    assert frames.index[12] == (1, 4)
+    frame = videos[1].frames[4]
+    for decoded, path in zip(item, (frame.image, frame.flow)):
+        assert torch.equal(decoded, torch.from_numpy(np.array(Image.open(path).convert("RGB"))))
 
 
 def test_batches_never_cross_videos(toy_root):
@@ -57,11 +57,11 @@ def test_batches_never_cross_videos(toy_root):
 def test_dataloader_with_workers_streams_a_video(toy_root):
     videos = scan(DATASETS["davis"], toy_root / "DAVIS")
     frames = VideoFrames(videos, workers=2)
-    loader = torch.utils.data.DataLoader(frames, batch_sampler=video_batches(videos, 4), num_workers=2)
-    batches = list(loader)
-    assert [b["image"].shape[0] for b in batches] == [4, 4, 4, 4]
-    assert batches[2]["video"].tolist() == [1, 1, 1, 1]
-    assert batches[2]["frame"].tolist() == [0, 1, 2, 3]
+    plan = video_batches(videos, 4)
+    batches = list(torch.utils.data.DataLoader(frames, batch_sampler=plan, num_workers=2))
+    assert [b.shape[0] for b in batches] == [4, 4, 4, 4]
+    assert [frames.index[i] for i in plan[2]] == [(1, 0), (1, 1), (1, 2), (1, 3)]
+    assert torch.equal(batches[2], torch.stack([frames[i] for i in plan[2]]))
 
 
 def test_binarisation_rules(tmp_path):

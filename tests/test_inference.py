@@ -45,9 +45,20 @@ def _predict_directly(model, videos):
     frames = VideoFrames(videos)
     masks = []
     for i in range(len(frames)):
-        item = frames[i]
-        masks.append(model.predict(item["image"][None].float() / 255, item["flow"][None].float() / 255)[0].numpy())
+        image, flow = frames[i].permute(0, 3, 1, 2)[:, None].float() / 255
+        masks.append(model.predict(image, flow)[0].numpy())
     return masks
+
+
+@pytest.mark.parametrize("width", [1, 8, 13, 854])
+def test_masks_travel_to_helpers_packed_and_logits_as_they_are(width):
+    rng = np.random.default_rng(width)
+    masks = rng.integers(0, 2, (3, 5, width)).astype(np.uint8)
+    packed = evaluator.packed_output(masks)
+    assert packed.nbytes == 3 * 5 * -(-width // 8)
+    assert np.array_equal(evaluator.unpacked_output(packed, (5, width)), masks)
+    logits = rng.random((3, 2, 4, 4)).astype(np.float32)
+    assert evaluator.packed_output(logits) is logits and evaluator.unpacked_output(logits, (5, width)) is logits
 
 
 @pytest.mark.parametrize("fixed_shapes", [False, True])

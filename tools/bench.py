@@ -228,35 +228,37 @@ def reference_style_loop(reference, videos, out_dir, device) -> tuple[list[np.nd
 
 
 class StandIn(torch.nn.Module):
-    """A network of no cost with DepthFlow's interface, so that timing `--test` measures the host. Its logits
-    are at the frame's size and say "object" inside a centred ellipse (a mask like a real one, to write and
-    score), as a GPU hands back masks of the frame's size. They are uint8, which the two-class decision
-    reads at a quarter of float32's cost: on a GPU that decision is device work, not the host's."""
+    """A network of no cost with DepthFlow's interface, so that timing `--test` measures the host. It hands
+    back masks of the frame's size, as a GPU does, saying "object" inside a centred ellipse (a mask like a
+    real one, to write and score)."""
 
     def __init__(self):
         super().__init__()
-        self._logits = {}
+        self._masks = {}
 
     def forward_internal(self, image, flow):
         h, w = image.shape[-2:]
-        if (h, w) not in self._logits:
+        if (h, w) not in self._masks:
             y, x = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
-            inside = (x / 0.6) ** 2 + (y / 0.5) ** 2 <= 1
-            self._logits[h, w] = torch.stack([torch.zeros_like(inside), inside]).to(torch.uint8)
-        return self._logits[h, w].expand(len(image), -1, -1, -1)
+            self._masks[h, w] = ((x / 0.6) ** 2 + (y / 0.5) ** 2 <= 1).to(torch.uint8)
+        return self._masks[h, w].expand(len(image), -1, -1)
 
 
 class HostOnlySegmenter(Segmenter):
-    """The streaming loop with the device's share of the work left out: frames reach the stand-in as the
-    uint8 tensors the host hands over, not turned into floats (a GPU does that on its side). What remains
-    is what a GPU run costs its host: decoding, collating, hand-overs, mask writing and scoring."""
+    """The streaming loop with the device's share of the work left out: the loader's uint8 frames reach the
+    stand-in without the reordering and float conversion a GPU does on its side, and the stand-in's masks
+    leave as they are (a GPU resizes the logits and decides the classes). What remains is what a GPU run
+    costs its host: decoding, collating, hand-overs, mask writing and scoring."""
 
     def __init__(self, options: InferenceOptions):
         super().__init__(StandIn(), options)
-        self.masks_on_device = True
 
-    def _to_device(self, frames: torch.Tensor, stream: str) -> torch.Tensor:
-        return frames
+    def _to_device(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        planes = pixels.permute(1, 0, 4, 2, 3)  # views, no copy: the stand-in reads only the shape
+        return planes[0], planes[1]
+
+    def _output(self, masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return masks
 
 
 @contextlib.contextmanager
