@@ -38,6 +38,13 @@ from utils.errors import UserError, deferring_ctrl_c
 from utils.host_memory import init_loader_worker, reuse_freed_buffers
 
 
+def loader_death_pids(message: str) -> list[int]:
+    """The process ids in DataLoader's report of dead workers: "DataLoader worker (pid 12) ..." from its
+    signal handler, "DataLoader worker (pid(s) 12, 34) ..." when it notices at a timeout."""
+    found = re.search(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)", message)
+    return [int(p) for p in re.findall(r"\d+", found.group(1))] if found else []
+
+
 @dataclass(frozen=True)
 class InferenceOptions:
     """How the network runs; each field is a flag of `run.py --test` and `--demo`."""
@@ -179,7 +186,7 @@ class Segmenter:
         except RuntimeError as err:
             if "DataLoader worker" not in str(err) or self._frames is None:
                 raise
-            pids = [int(p) for p in re.findall(r"\d+", str(err).split(")")[0])]
+            pids = loader_death_pids(str(err))
             where = self._frames.decoding(pids) or "a frame"
             reason = str(err).strip().splitlines()[0]
             raise UserError(f"a data-loading process died while decoding {where} ({reason}); if memory ran "

@@ -15,7 +15,7 @@ import evaluator
 import run
 import utils.device
 from dataset import DATASETS, VideoFrames, scan
-from inference import InferenceOptions, Segmenter, prepare_model
+from inference import InferenceOptions, Segmenter, loader_death_pids, prepare_model
 from model import DepthFlow
 from model.checkpoints import save_project_checkpoint
 from tests.conftest import ROOT, assert_one_line_error, run_main
@@ -154,6 +154,14 @@ def test_a_loader_process_that_dies_is_named_by_its_frame(toy_root, checkpoint, 
                             "davis", "--output", tmp_path / "o", "--device", "cpu", "--workers", "2",
                             "--batch-size", "1", capsys=capsys)
     assert_one_line_error(code, err, "a data-loading process died while decoding", str(victim))
+
+
+def test_dead_loader_processes_are_found_in_both_of_dataloaders_reports():
+    """Its signal handler names one process; its check at a timeout lists them, "pid(s)" and all."""
+    assert loader_death_pids("DataLoader worker (pid 4242) exited unexpectedly with exit code 1. Details") == [4242]
+    assert loader_death_pids("DataLoader worker (pid(s) 12365, 77) exited unexpectedly") == [12365, 77]
+    assert loader_death_pids("DataLoader worker (pid 9) is killed by signal: Killed. ") == [9]
+    assert loader_death_pids("something else (pid 5)") == []
 
 
 def _dies(*job):
