@@ -20,6 +20,7 @@ from transforms import TrainTransform
 from utils.errors import UserError
 from utils.io import FRAME_EXTENSIONS, read_rgb
 from utils.palette import binarise, read_label_image
+from utils.shared_batches import SharedBatches
 
 DEFAULT_DATA_ROOT = "../DB/VOS"
 
@@ -211,12 +212,11 @@ def scan(spec: DatasetSpec, root) -> list[Video]:
 class VideoFrames(Dataset):
     """All frames of a list of videos, one item per frame, for streaming inference.
 
-    Pair with `video_batches` so that a batch never spans two videos. An item is one 2xHxWx3 uint8 tensor:
-    the frame's image and flow as decoded, left for the device to reorder and turn into floats. One tensor
-    and nothing else, because each tensor a loader process hands over costs a socket round trip; where a
-    frame comes from is `index[i]`, which the consumer knows from the batch plan. Ground truth is read by
-    whoever scores the masks. With loader processes, each one notes which frame it is decoding, so a
-    process that dies can be reported by the frame that killed it.
+    An item is one 2xHxWx3 uint8 tensor: the frame's image and flow as decoded, left for the device to
+    reorder and turn into floats; where it comes from is `index[i]`. Loaders read whole batches
+    (VideoBatches), which never span two videos. Ground truth is read by whoever scores the masks. With
+    loader processes, each one notes which frame it is decoding, so a process that dies can be reported by
+    the frame that killed it.
     """
 
     def __init__(self, videos: list[Video], workers: int = 0):
@@ -244,14 +244,50 @@ class VideoFrames(Dataset):
         if info is not None and self._decoding is not None:
             self._decoding[2 * info.id], self._decoding[2 * info.id + 1] = os.getpid(), i
 
-    def __getitem__(self, i) -> torch.Tensor:
+    def read(self, i) -> tuple[np.ndarray, np.ndarray]:
+        """Frame i's image and flow, HxWx3 uint8 each, as decoded."""
         self._note(i)
         frame = self.frame(i)
         image, flow = read_rgb(frame.image), read_rgb(frame.flow)
         if flow.shape != image.shape:
             raise UserError(f"flow {frame.flow} is {_size(flow)}, its frame {frame.image} is {_size(image)} "
                             "(expected equal sizes)")
-        return torch.from_numpy(np.stack((image, flow)))
+        return image, flow
+
+    def __getitem__(self, i) -> torch.Tensor:
+        return torch.from_numpy(np.stack(self.read(i)))
+
+
+class VideoBatches(Dataset):
+    """The batches of `video_batches` over VideoFrames, each read by one loader process into shared memory
+    that it reuses batch after batch (utils.shared_batches).
+
+    Item k is (slot, Bx2xHxWx3 uint8 tensor) for the frames `plan[k]`; the main process passes both to
+    `shared.receive`, which hands the slot back. Use with DataLoader(..., batch_size=None): an item is a
+    batch already.
+    """
+
+    def __init__(self, frames: VideoFrames, batch_size: int, shared: SharedBatches):
+        self.frames = frames
+        self.plan = video_batches(frames.videos, batch_size)
+        self.shared = shared
+
+    def __len__(self):
+        return len(self.plan)
+
+    def __getitem__(self, k) -> tuple[int, torch.Tensor]:
+        indices = self.plan[k]
+        slot, pixels = -1, None
+        for row, i in enumerate(indices):
+            image, flow = self.frames.read(i)
+            if pixels is None:
+                slot, pixels = self.shared.empty((len(indices), 2, *image.shape))
+            elif image.shape != pixels.shape[2:]:
+                first = self.frames.frame(indices[0]).image
+                raise UserError(f"frame {self.frames.frame(i).image} is {_size(image)}, frame {first} of the same "
+                                f"video is {_size(pixels[0, 0])} (expected one size per video)")
+            pixels[row, 0], pixels[row, 1] = torch.from_numpy(image), torch.from_numpy(flow)
+        return slot, pixels
 
 
 def _size(pixels: np.ndarray) -> str:

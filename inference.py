@@ -1,7 +1,8 @@
 """Streaming inference: batches of video frames in, network outputs out, with the device kept busy.
 
-Loader processes decode frames into uint8 tensors, in the decoder's HxWx3 layout (a quarter of
-float32's bytes to copy, and no reordering on the host). The main process only moves a batch to the
+Loader processes decode whole batches of frames into uint8 tensors, in the decoder's HxWx3 layout (a
+quarter of float32's bytes to copy, and no reordering on the host), and hand them over through shared
+memory that each process reuses (utils.shared_batches). The main process only moves a batch to the
 device, reorders it and turns it into floats there, runs the network and starts the copy of the result
 back; while the device works on one batch, the caller handles the previous one. What
 callers do with masks (writing PNGs, scoring) runs in their own worker processes (evaluator.py), so the
@@ -29,13 +30,16 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import Video, VideoFrames, video_batches
+from dataset import Video, VideoBatches, VideoFrames
 from model.depthflow import DepthFlow, class_masks, resize_bicubic
 from model.winograd import use_winograd, winograd_available
 from transforms import frames_to_float
 from utils.device import autocast_context, check_compiler
 from utils.errors import UserError, deferring_ctrl_c
 from utils.host_memory import init_loader_worker, reuse_freed_buffers
+from utils.shared_batches import SharedBatches
+
+PREFETCH = 4  # batches each loader process keeps ready
 
 
 def loader_death_pids(message: str) -> list[int]:
@@ -155,18 +159,19 @@ class Segmenter:
         """
         timing = {} if timing is None else timing
         timing.setdefault("forward_s", 0.0)
-        plan = video_batches(videos, self.options.batch_size)
-        frames = self._frames = VideoFrames(videos, self.options.workers)
         workers = self.options.workers
-        loader = DataLoader(frames, batch_sampler=plan, num_workers=workers, pin_memory=self.on_gpu,
-                            prefetch_factor=4 if workers else None, worker_init_fn=init_loader_worker)
+        frames = self._frames = VideoFrames(videos, workers)
+        shared = SharedBatches(workers, PREFETCH + 1)
+        batched = VideoBatches(frames, self.options.batch_size, shared)
+        loader = DataLoader(batched, batch_size=None, num_workers=workers, pin_memory=self.on_gpu,
+                            prefetch_factor=PREFETCH if workers else None, worker_init_fn=init_loader_worker)
         previous = None
         with self.reporting_loader_deaths(), tqdm(total=len(frames), unit="frame", desc=desc,
                                                   disable=None if progress else True, leave=False) as bar:
             with deferring_ctrl_c():
                 batches = iter(loader)  # starts the loader processes
-            for indices, pixels in zip(plan, batches):  # the loader keeps the plan's order
-                current = self._launch(indices, pixels, videos)
+            for indices, (slot, pixels) in zip(batched.plan, batches):  # the loader keeps the plan's order
+                current = self._launch(indices, shared.receive(slot, pixels, pinned=self.on_gpu), videos)
                 if previous is not None:
                     yield self._collect(previous, videos, timing)
                     bar.update(len(previous.indices))

@@ -5,10 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset import DATASETS, Source, TrainingFrames, VideoFrames, scan, video_batches
+from dataset import DATASETS, Source, TrainingFrames, VideoBatches, VideoFrames, scan, video_batches
 from transforms import TrainTransform, resize_mask
 from utils.errors import UserError
 from utils.palette import DAVIS_PALETTE, binarise, read_mask, save_palette_mask
+from utils.shared_batches import SharedBatches
 
 
 def test_every_layout_scans(toy_root):
@@ -54,14 +55,30 @@ def test_batches_never_cross_videos(toy_root):
     assert batches == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9, 10], [11, 12, 13], [14, 15]]
 
 
-def test_dataloader_with_workers_streams_a_video(toy_root):
+@pytest.mark.parametrize("per_worker", [1, 5])
+def test_loader_processes_stream_batches_through_reused_shared_memory(toy_root, per_worker):
+    """One buffer per worker forces each batch into the buffer of one before it, and the worker to wait for the
+    main process to hand it back: what was received must stay as it was read."""
     videos = scan(DATASETS["davis"], toy_root / "DAVIS")
     frames = VideoFrames(videos, workers=2)
-    plan = video_batches(videos, 4)
-    batches = list(torch.utils.data.DataLoader(frames, batch_sampler=plan, num_workers=2))
-    assert [b.shape[0] for b in batches] == [4, 4, 4, 4]
-    assert [frames.index[i] for i in plan[2]] == [(1, 0), (1, 1), (1, 2), (1, 3)]
-    assert torch.equal(batches[2], torch.stack([frames[i] for i in plan[2]]))
+    shared = SharedBatches(2, per_worker)
+    batched = VideoBatches(frames, 3, shared)
+    assert batched.plan == video_batches(videos, 3)
+    loader = torch.utils.data.DataLoader(batched, batch_size=None, num_workers=2)
+    received = [shared.receive(slot, pixels) for slot, pixels in loader]
+    assert [len(b) for b in received] == [3, 3, 2, 3, 3, 2]
+    assert [frames.index[i] for i in batched.plan[3]] == [(1, 0), (1, 1), (1, 2)]
+    for batch, indices in zip(received, batched.plan):
+        assert torch.equal(batch, torch.stack([frames[i] for i in indices]))
+
+
+def test_a_video_whose_frames_change_size_is_refused(toy_copy):
+    videos = scan(DATASETS["davis"], toy_copy / "DAVIS")
+    frame = videos[0].frames[1]
+    for path in (frame.image, frame.flow):
+        Image.open(path).resize((48, 32)).save(path)
+    with pytest.raises(UserError, match=f"{frame.image} is 48x32, frame .*00000.jpg of the same video is 96x64"):
+        VideoBatches(VideoFrames(videos), 4, SharedBatches(0, 0))[0]
 
 
 def test_binarisation_rules(tmp_path):
