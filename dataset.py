@@ -282,11 +282,12 @@ class VideoBatches(Dataset):
             image, flow = self.frames.read(i)
             if pixels is None:
                 slot, pixels = self.shared.empty((len(indices), 2, *image.shape))
-            elif image.shape != pixels.shape[2:]:
+                rows = pixels.numpy()  # the same memory; NumPy copies in read-only arrays (PIL's) as well
+            elif image.shape != rows.shape[2:]:
                 first = self.frames.frame(indices[0]).image
                 raise UserError(f"frame {self.frames.frame(i).image} is {_size(image)}, frame {first} of the same "
-                                f"video is {_size(pixels[0, 0])} (expected one size per video)")
-            pixels[row, 0], pixels[row, 1] = torch.from_numpy(image), torch.from_numpy(flow)
+                                f"video is {_size(rows[0, 0])} (expected one size per video)")
+            rows[row, 0], rows[row, 1] = image, flow
         return slot, pixels
 
 
