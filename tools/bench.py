@@ -423,8 +423,8 @@ def main(argv=None):
     parser.add_argument("--e2e-backbone", default="mitb0", help="backbone of the end-to-end comparison")
     parser.add_argument("--e2e-frames", type=int, help="frames per toy video in it (default 60; quick 12)")
     parser.add_argument("--skip-forward", action="store_true", help="only the end-to-end comparison")
-    parser.add_argument("--host-frames", type=int, help="frames of the host-pipeline measurement (default 240; "
-                                                        "quick 16)")
+    parser.add_argument("--host-frames", type=int, help="frames of the host-pipeline measurement (default 960, "
+                                                        "long enough for a steady state; quick 16)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     quick = args.quick
@@ -444,7 +444,7 @@ def main(argv=None):
         report["per_backbone"][backbone] = {"gflops_per_frame": flops / 1e9, "train_step_s": train_s}
     report["end_to_end"] = bench_end_to_end(device, size, quick, args.workers, args.e2e_backbone, args.e2e_frames,
                                             args.batch)
-    report["host_pipeline"] = bench_host_pipeline(device, args.workers, args.host_frames or (16 if quick else 240),
+    report["host_pipeline"] = bench_host_pipeline(device, args.workers, args.host_frames or (16 if quick else 960),
                                                   args.batch)
     report["training_loader"] = bench_training_loader(args.workers, 32 if quick else 256, size,
                                                       2 if quick else 16)
