@@ -19,7 +19,6 @@ size and the padding dropped, so compilation happens once per frame size, before
 
 import contextlib
 import multiprocessing
-import re
 import signal
 import time
 from collections.abc import Iterator
@@ -37,16 +36,10 @@ from transforms import frames_to_float
 from utils.device import autocast_context, check_compiler
 from utils.errors import UserError, deferring_ctrl_c
 from utils.host_memory import init_loader_worker, reuse_freed_buffers
+from utils.loader_failures import loader_failure
 from utils.shared_batches import SharedBatches
 
 PREFETCH = 4  # batches each loader process keeps ready
-
-
-def loader_death_pids(message: str) -> list[int]:
-    """The process ids in DataLoader's report of dead workers: "DataLoader worker (pid 12) ..." from its
-    signal handler, "DataLoader worker (pid(s) 12, 34) ..." when it notices at a timeout."""
-    found = re.search(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)", message)
-    return [int(p) for p in re.findall(r"\d+", found.group(1))] if found else []
 
 
 @dataclass(frozen=True)
@@ -182,20 +175,19 @@ class Segmenter:
 
     @contextlib.contextmanager
     def reporting_loader_deaths(self):
-        """Turn the loader's report of a dead process into one line naming the frame it was decoding.
+        """Turn the loader's report of a dead process into one line naming the frame it was decoding, and its
+        failure to get shared memory into one line saying what to change (utils.loader_failures).
 
-        The loader raises it from a signal handler, wherever the main process is; callers that do work
-        between batches wrap their loop in this too."""
+        The loader raises the first from a signal handler, wherever the main process is; callers that do
+        work between batches wrap their loop in this too."""
         try:
             yield
         except RuntimeError as err:
-            if "DataLoader worker" not in str(err) or self._frames is None:
+            frames = self._frames
+            failure = loader_failure(err, frames.decoding if frames is not None else lambda pids: None)
+            if failure is None:
                 raise
-            pids = loader_death_pids(str(err))
-            where = self._frames.decoding(pids) or "a frame"
-            reason = str(err).strip().splitlines()[0]
-            raise UserError(f"a data-loading process died while decoding {where} ({reason}); if memory ran "
-                            "short, lower --workers or --batch-size") from None
+            raise failure from None
 
     def _to_device(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A loader batch (Bx2xHxWx3 uint8) -> image and flow, each Bx3xHxW float32 in [0, 1] on the device."""

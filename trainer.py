@@ -35,6 +35,7 @@ from utils.device import autocast_context, check_compiler
 from utils.errors import UserError, deferring_ctrl_c, one_line
 from utils.host_memory import init_loader_worker
 from utils.io import check_writable, write_text_atomic
+from utils.loader_failures import loader_failure
 
 # Training sets per stage, as "dataset:samples per epoch" (README, 'Training').
 STAGE_SOURCES = {1: "ytvos:512", 2: "duts:384,davis_train:128"}
@@ -335,12 +336,17 @@ class TrainingRun:
         return None
 
     def _next_batch(self, batches, epoch: int, done: int) -> dict:
-        """The next batch; if any process fails to load its share (a corrupt file), all of them save and stop
-        with that process's error, rather than the others waiting for it in the step's all-reduce."""
+        """The next batch; if any process fails to load its share (a corrupt file, a loader process killed for
+        memory), all of them save and stop with that process's error, rather than the others waiting for it in
+        the step's all-reduce."""
         try:
             batch, failure = next(batches), None
         except UserError as err:
             batch, failure = None, err
+        except RuntimeError as err:  # a loader process died, or shared memory ran out
+            batch, failure = None, loader_failure(err)
+            if failure is None:
+                raise
         if distributed.any_rank(failure is not None, self.ctx):
             message = distributed.first_message(failure and one_line(failure), self.ctx)
             self._save_after_failure(UserError(message), epoch, done, wait_for_all=True)

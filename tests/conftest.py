@@ -10,6 +10,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# What torch raised on this project's machine when /dev/shm could not hold a loader's buffer (torch 2.14).
+NO_SHARED_MEMORY = ("unable to allocate shared memory(shm) for file </torch_15846_2425047836_0>: "
+                    "No space left on device (28)")
 
 
 def run_cli(*args, cwd=ROOT, timeout=600):

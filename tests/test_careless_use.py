@@ -18,7 +18,7 @@ from flow_synthesis.__main__ import main as synth_main
 from flow_synthesis.video_flow import main as flow_main
 from model import DepthFlow
 from model.checkpoints import read_project_checkpoint, save_project_checkpoint
-from tests.conftest import ROOT, assert_one_line_error, ctrl_c_once, hearing_ctrl_c, run_main
+from tests.conftest import NO_SHARED_MEMORY, ROOT, assert_one_line_error, ctrl_c_once, hearing_ctrl_c, run_main
 from trainer import GlobalBatches, train
 from utils import distributed
 from utils.io import save_image_atomic, write_text_atomic
@@ -124,6 +124,33 @@ def test_a_corrupt_file_found_mid_training_keeps_the_work_done(toy_copy, tmp_pat
     train(run.parse_args(list(map(str, _train_args(toy_copy, out, *args, "--resume")))))
     a, b = (read_project_checkpoint(p / "last.pth")["model"] for p in (clean, out))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _no_shared_memory(*args, **kwargs):
+    raise RuntimeError(NO_SHARED_MEMORY)
+
+
+def test_training_stops_in_one_line_when_shared_memory_runs_out(toy_root, tmp_path, check, monkeypatch):
+    """The loader processes cannot hand over a batch (a small /dev/shm, as in a default Docker container):
+    one line saying what to change, and the work kept."""
+    monkeypatch.setattr(torch.UntypedStorage, "_new_shared", _no_shared_memory)  # the loader processes inherit it
+    out = tmp_path / "t"
+    check(run.main, *_train_args(toy_root, out, "--workers", "2"),
+          expect=["ran out of shared memory (/dev/shm", "--shm-size", f"saved {out / 'last.pth'}", "--resume"])
+    assert read_project_checkpoint(out / "last.pth")["step"] == 0
+
+
+def _killed(path):
+    os._exit(137)  # as the kernel's OOM killer would end it
+
+
+def test_training_stops_in_one_line_when_a_loader_process_dies(toy_root, tmp_path, check, monkeypatch):
+    import dataset
+
+    monkeypatch.setattr(dataset, "read_rgb", _killed)  # the loader processes inherit it
+    out = tmp_path / "t"
+    check(run.main, *_train_args(toy_root, out, "--workers", "2"),
+          expect=["a data-loading process died", "lower --workers or --batch-size", f"saved {out / 'last.pth'}"])
 
 
 def test_a_corrupt_file_one_process_reads_stops_every_process(toy_copy, tmp_path):

@@ -15,10 +15,10 @@ import evaluator
 import run
 import utils.device
 from dataset import DATASETS, VideoFrames, scan
-from inference import InferenceOptions, Segmenter, loader_death_pids, prepare_model
+from inference import InferenceOptions, Segmenter, prepare_model
 from model import DepthFlow
 from model.checkpoints import save_project_checkpoint
-from tests.conftest import ROOT, assert_one_line_error, run_main
+from tests.conftest import NO_SHARED_MEMORY, ROOT, assert_one_line_error, run_main
 from utils.errors import UserError
 
 CPU = torch.device("cpu")
@@ -156,12 +156,16 @@ def test_a_loader_process_that_dies_is_named_by_its_frame(toy_root, checkpoint, 
     assert_one_line_error(code, err, "a data-loading process died while decoding", str(victim))
 
 
-def test_dead_loader_processes_are_found_in_both_of_dataloaders_reports():
-    """Its signal handler names one process; its check at a timeout lists them, "pid(s)" and all."""
-    assert loader_death_pids("DataLoader worker (pid 4242) exited unexpectedly with exit code 1. Details") == [4242]
-    assert loader_death_pids("DataLoader worker (pid(s) 12365, 77) exited unexpectedly") == [12365, 77]
-    assert loader_death_pids("DataLoader worker (pid 9) is killed by signal: Killed. ") == [9]
-    assert loader_death_pids("something else (pid 5)") == []
+def _no_shared_memory(*args, **kwargs):
+    raise RuntimeError(NO_SHARED_MEMORY)
+
+
+def test_shared_memory_running_out_is_one_line(toy_root, checkpoint, tmp_path, capsys, monkeypatch):
+    """As in a Docker container with the default 64 MB of /dev/shm: the loader processes cannot make buffers."""
+    monkeypatch.setattr(torch.Tensor, "share_memory_", _no_shared_memory)  # the loader processes inherit it
+    code, _, err = run_main(run.main, "--test", "--checkpoint", checkpoint, "--data-root", toy_root, "--datasets",
+                            "davis", "--output", tmp_path / "o", "--device", "cpu", "--workers", "2", capsys=capsys)
+    assert_one_line_error(code, err, "ran out of shared memory (/dev/shm", "--workers", "--shm-size")
 
 
 def _dies(*job):
