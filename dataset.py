@@ -209,14 +209,13 @@ def scan(spec: DatasetSpec, root) -> list[Video]:
     return videos
 
 
-class VideoFrames(Dataset):
-    """All frames of a list of videos, one item per frame, for streaming inference.
+class VideoFrames:
+    """All frames of a list of videos, numbered in order, for streaming inference.
 
-    An item is one 2xHxWx3 uint8 tensor: the frame's image and flow as decoded, left for the device to
-    reorder and turn into floats; where it comes from is `index[i]`. Loaders read whole batches
-    (VideoBatches), which never span two videos. Ground truth is read by whoever scores the masks. With
-    loader processes, each one notes which frame it is decoding, so a process that dies can be reported by
-    the frame that killed it.
+    `read(i)` decodes frame i's image and flow, which the device reorders and turns into floats; where the
+    frame comes from is `index[i]`. Loaders read whole batches (VideoBatches), which never span two
+    videos. Ground truth is read by whoever scores the masks. With loader processes, each one notes which
+    frame it is decoding, so a process that dies can be reported by the frame that killed it.
     """
 
     def __init__(self, videos: list[Video], workers: int = 0):
@@ -253,9 +252,6 @@ class VideoFrames(Dataset):
             raise UserError(f"flow {frame.flow} is {_size(flow)}, its frame {frame.image} is {_size(image)} "
                             "(expected equal sizes)")
         return image, flow
-
-    def __getitem__(self, i) -> torch.Tensor:
-        return torch.from_numpy(np.stack(self.read(i)))
 
 
 class VideoBatches(Dataset):

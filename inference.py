@@ -183,8 +183,7 @@ class Segmenter:
         try:
             yield
         except RuntimeError as err:
-            frames = self._frames
-            failure = loader_failure(err, frames.decoding if frames is not None else lambda pids: None)
+            failure = loader_failure(err, self._frames.decoding if self._frames is not None else None)
             if failure is None:
                 raise
             raise failure from None

@@ -45,7 +45,7 @@ def _predict_directly(model, videos):
     frames = VideoFrames(videos)
     masks = []
     for i in range(len(frames)):
-        image, flow = frames[i].permute(0, 3, 1, 2)[:, None].float() / 255
+        image, flow = torch.from_numpy(np.stack(frames.read(i))).permute(0, 3, 1, 2)[:, None].float() / 255
         masks.append(model.predict(image, flow)[0].numpy())
     return masks
 

@@ -27,10 +27,9 @@ def dead_loader_pids(message: str) -> list[int]:
     return [int(p) for p in re.findall(r"\d+", found.group(1))] if found else []
 
 
-def loader_failure(err: RuntimeError, decoding: Callable[[list[int]], str | None] = lambda pids: None
-                   ) -> UserError | None:
+def loader_failure(err: RuntimeError, decoding: Callable[[list[int]], str | None] | None = None) -> UserError | None:
     """One line for a loader failure the user can act on, None for any other error. `decoding(pids)`: what the
-    dead processes were reading, if the caller knows."""
+    dead processes were reading, where the caller can tell."""
     message = str(err)
     if _NO_SHARED_MEMORY.search(message):
         free = shutil.disk_usage(SHARED_MEMORY).free >> 20 if os.path.isdir(SHARED_MEMORY) else 0
@@ -41,5 +40,6 @@ def loader_failure(err: RuntimeError, decoding: Callable[[list[int]], str | None
     if not pids:
         return None
     reason = message.strip().splitlines()[0]
-    return UserError(f"a data-loading process died while decoding {decoding(pids) or 'a frame'} ({reason}); if "
+    where = decoding(pids) if decoding is not None else None
+    return UserError(f"a data-loading process died while decoding {where or 'a frame'} ({reason}); if "
                      "memory ran short, lower --workers or --batch-size")
