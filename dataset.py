@@ -1,12 +1,12 @@
 """Datasets in the layouts of the authors' pre-processed archives (README, 'Data').
 
-Every dataset is described by a DatasetSpec (data, not code). `scan` validates a layout up front by names
-and file sizes only, so a missing or mismatched file stops a run before it starts, not an hour into it.
-Test videos stream frame by frame (VideoFrames); training draws a fixed number of random samples per
-epoch (TrainingFrames).
+Every dataset is described by a DatasetSpec (data, not code): a new test set in the standard layout is one
+entry of DATASETS, and `run.py --test`, `python -m tools.toydata` and the tests pick it up. `scan`
+validates a layout up front by names and file sizes only, so a missing or mismatched file stops a run
+before it starts, not an hour into it. Test videos are read frame by frame (VideoFrames); training draws
+a fixed number of random samples per epoch (TrainingFrames).
 """
 
-import multiprocessing
 import os
 import random
 from dataclasses import dataclass, field
@@ -18,9 +18,8 @@ from torch.utils.data import Dataset
 
 from transforms import TrainTransform
 from utils.errors import UserError
-from utils.io import FRAME_EXTENSIONS, read_rgb
-from utils.palette import binarise, read_label_image
-from utils.shared_batches import SharedBatches
+from utils.io import FRAME_EXTENSIONS, image_size, natural_key, read_rgb
+from utils.palette import read_mask, read_mask_levels
 
 DEFAULT_DATA_ROOT = "../DB/VOS"
 
@@ -42,6 +41,7 @@ class DatasetSpec:
     mask_rule: str  # utils.palette.MASK_RULES
     video_list: str | None = None  # file naming the videos, one per line
     grouped: bool = False  # <class>/<video>/ (YouTube-Objects)
+    groups: tuple[str, ...] = ()  # the classes of a grouped dataset, as the benchmark defines them
     flat: bool = False  # one still image per "video" (DUTSv2)
     all_annotated: bool = True  # every frame has a mask
     output: str = ""  # folder of saved masks under --output
@@ -72,8 +72,8 @@ DATASETS = {
         output="FBMS_test"),
     "ytobj": DatasetSpec(
         name="ytobj", title="YouTube-Objects", role="test", folder="YTOBJ", images="JPEGImages",
-        flows="JPEGFlows", masks="Annotations", mask_rule="grey", grouped=True, all_annotated=False,
-        output="YTOBJ"),
+        flows="JPEGFlows", masks="Annotations", mask_rule="grey", grouped=True, groups=YTOBJ_CLASSES,
+        all_annotated=False, output="YTOBJ"),
     "lvid": DatasetSpec(
         name="lvid", title="Long-Videos", role="test", folder="LVID", images="JPEGImages", flows="JPEGFlows",
         masks="Annotations", mask_rule="nonzero", all_annotated=False, output="LVID"),
@@ -85,10 +85,20 @@ DATASETS = {
         name="duts", title="DUTSv2", role="train", folder="DUTSv2", images="JPEGImages", flows="JPEGFlows",
         masks="Annotations", mask_rule="grey", flat=True, mask_resize="bicubic"),
 }
-TEST_DATASETS = tuple(n for n, spec in DATASETS.items() if spec.role == "test")
-TRAINING_DATASETS = tuple(n for n, spec in DATASETS.items() if spec.role == "train")
 VALIDATION_DATASET = "davis"  # scored during training to keep best.pth; the paper's main table
-VIDEO_DATASETS = tuple(n for n, spec in DATASETS.items() if not spec.flat)
+
+
+def test_datasets() -> tuple[str, ...]:
+    """The sets `run.py --test` scores, in order (read from DATASETS when asked, so an entry added to it counts)."""
+    return tuple(n for n, spec in DATASETS.items() if spec.role == "test")
+
+
+def training_datasets() -> tuple[str, ...]:
+    return tuple(n for n, spec in DATASETS.items() if spec.role == "train")
+
+
+def video_datasets() -> tuple[str, ...]:
+    return tuple(n for n, spec in DATASETS.items() if not spec.flat)
 
 
 @dataclass(frozen=True)
@@ -150,7 +160,7 @@ def _pair(video_dir: str, root: Path, spec: DatasetSpec, name: str, group: str |
                         f"(expected {root / spec.masks / video_dir / stems[0]}.png)")
     if not masks:
         raise UserError(f"{spec.title}: no annotated frame in {root / spec.masks / video_dir}")
-    frames = [Frame(s, images[s], flows[s], masks.get(s)) for s in sorted(images)]
+    frames = [Frame(s, images[s], flows[s], masks.get(s)) for s in sorted(images, key=natural_key)]
     if spec.flat:
         return [Video(f.stem, (f,)) for f in frames]
     return Video(name, tuple(frames), group)
@@ -209,96 +219,35 @@ def scan(spec: DatasetSpec, root) -> list[Video]:
     return videos
 
 
-class VideoFrames:
-    """All frames of a list of videos, numbered in order, for streaming inference.
+class VideoFrames(Dataset):
+    """Every frame of a list of videos, for inference, addressed by (video, frame) positions.
 
-    `read(i)` decodes frame i's image and flow, which the device reorders and turns into floats; where the
-    frame comes from is `index[i]`. Loaders read whole batches (VideoBatches), which never span two
-    videos. Ground truth is read by whoever scores the masks. With loader processes, each one notes which
-    frame it is decoding, so a process that dies can be reported by the frame that killed it.
+    An item is the frame's image and flow as decoded, a 2xHxWx3 uint8 tensor: a quarter of float32's bytes
+    to move, turned into floats on the device. Each frame must have the size of its video's first frame
+    (`sizes`, read from the headers), which is what lets the engine batch frames of equal size.
     """
 
-    def __init__(self, videos: list[Video], workers: int = 0):
-        self.index = [(v, f) for v, video in enumerate(videos) for f in range(len(video.frames))]  # (video, frame)
+    def __init__(self, videos: list[Video]):
         self.videos = videos
-        self._decoding = multiprocessing.Array("q", 2 * workers, lock=False) if workers else None
+        self.sizes = [image_size(video.frames[0].image) for video in videos]
 
     def __len__(self):
-        return len(self.index)
+        return sum(len(video.frames) for video in self.videos)
 
-    def frame(self, i) -> Frame:
-        v, f = self.index[i]
-        return self.videos[v].frames[f]
-
-    def decoding(self, pids: list[int]) -> str | None:
-        """The frame a loader process with one of these process ids was decoding, if known."""
-        slots = self._decoding or []
-        for k in range(0, len(slots), 2):
-            if slots[k] in pids:
-                return str(self.frame(slots[k + 1]).image)
-        return None
-
-    def _note(self, i) -> None:
-        info = torch.utils.data.get_worker_info()
-        if info is not None and self._decoding is not None:
-            self._decoding[2 * info.id], self._decoding[2 * info.id + 1] = os.getpid(), i
-
-    def read(self, i) -> tuple[np.ndarray, np.ndarray]:
-        """Frame i's image and flow, HxWx3 uint8 each, as decoded."""
-        self._note(i)
-        frame = self.frame(i)
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        v, f = key
+        frame = self.videos[v].frames[f]
         image, flow = read_rgb(frame.image), read_rgb(frame.flow)
-        if flow.shape != image.shape:
-            raise UserError(f"flow {frame.flow} is {_size(flow)}, its frame {frame.image} is {_size(image)} "
-                            "(expected equal sizes)")
-        return image, flow
-
-
-class VideoBatches(Dataset):
-    """The batches of `video_batches` over VideoFrames, each read by one loader process into shared memory
-    that it reuses batch after batch (utils.shared_batches).
-
-    Item k is (slot, Bx2xHxWx3 uint8 tensor) for the frames `plan[k]`; the main process passes both to
-    `shared.receive`, which hands the slot back. Use with DataLoader(..., batch_size=None): an item is a
-    batch already.
-    """
-
-    def __init__(self, frames: VideoFrames, batch_size: int, shared: SharedBatches):
-        self.frames = frames
-        self.plan = video_batches(frames.videos, batch_size)
-        self.shared = shared
-
-    def __len__(self):
-        return len(self.plan)
-
-    def __getitem__(self, k) -> tuple[int, torch.Tensor]:
-        indices = self.plan[k]
-        slot, pixels = -1, None
-        for row, i in enumerate(indices):
-            image, flow = self.frames.read(i)
-            if pixels is None:
-                slot, pixels = self.shared.empty((len(indices), 2, *image.shape))
-                rows = pixels.numpy()  # the same memory; NumPy copies in read-only arrays (PIL's) as well
-            elif image.shape != rows.shape[2:]:
-                first = self.frames.frame(indices[0]).image
-                raise UserError(f"frame {self.frames.frame(i).image} is {_size(image)}, frame {first} of the same "
-                                f"video is {_size(rows[0, 0])} (expected one size per video)")
-            rows[row, 0], rows[row, 1] = image, flow
-        return slot, pixels
+        for path, pixels in ((frame.image, image), (frame.flow, flow)):
+            if pixels.shape[:2] != self.sizes[v]:
+                h, w = self.sizes[v]
+                raise UserError(f"{path} is {_size(pixels)}, frame {self.videos[v].frames[0].image} of the same "
+                                f"video is {w}x{h} (expected one size per video)")
+        return torch.from_numpy(np.stack([image, flow]))
 
 
 def _size(pixels: np.ndarray) -> str:
     return f"{pixels.shape[1]}x{pixels.shape[0]}"
-
-
-def video_batches(videos: list[Video], batch_size: int) -> list[list[int]]:
-    """Indices into VideoFrames, in order, batched without crossing a video boundary."""
-    batches, start = [], 0
-    for video in videos:
-        n = len(video.frames)
-        batches += [list(range(start + i, start + min(i + batch_size, n))) for i in range(0, n, batch_size)]
-        start += n
-    return batches
 
 
 @dataclass
@@ -335,21 +284,26 @@ class TrainingFrames(Dataset):
     def __len__(self):
         return self.bounds[-1]
 
-    def __getitem__(self, key: tuple[int, int]):
+    def _draw(self, key: tuple[int, int]) -> tuple[int, Frame, random.Random]:
+        """(source, frame, the generator that then draws the flips) of sample `key`."""
         epoch, i = key
         part = next(p for p, bound in enumerate(self.bounds) if i < bound)
-        source = self.sources[part]
         rng = random.Random(f"{self.seed}/{epoch}/{i}")
-        frame = rng.choice(rng.choice(source.annotated))
+        return part, rng.choice(rng.choice(self.sources[part].annotated)), rng
+
+    def frame_for(self, key: tuple[int, int]) -> Frame:
+        """The frame that sample (epoch, index) is made from."""
+        return self._draw(key)[1]
+
+    def __getitem__(self, key: tuple[int, int]):
+        part, frame, rng = self._draw(key)
+        spec = self.sources[part].spec
         image, flow = read_rgb(frame.image), read_rgb(frame.flow)
-        labels = read_label_image(frame.mask)
-        for what, path, other in (("flow", frame.flow, flow), ("mask", frame.mask, labels)):
+        # Soft object levels in [0, 1] for a bicubic mask resize (DUTSv2), the 0/1 mask otherwise.
+        mask = read_mask_levels(frame.mask) if spec.mask_resize == "bicubic" else read_mask(frame.mask, spec.mask_rule)
+        for what, path, other in (("flow", frame.flow, flow), ("mask", frame.mask, mask)):
             if other.shape[:2] != image.shape[:2]:
                 raise UserError(f"{what} {path} is {_size(other)}, its frame {frame.image} is {_size(image)} "
                                 "(expected equal sizes)")
-        if source.spec.mask_resize == "bicubic":
-            mask = labels.astype(np.float32) / 255.0  # DUTSv2 masks are grey 0/255
-        else:
-            mask = binarise(labels, source.spec.mask_rule)
         image_t, flow_t, mask_t = self.transforms[part](image, flow, mask, rng)
         return {"image": image_t, "flow": flow_t, "mask": mask_t}

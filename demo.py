@@ -88,6 +88,9 @@ def contact_sheet(tiles: list[np.ndarray], columns: int = 4) -> np.ndarray:
 def claim_output(out: Path, source: Path, overwrite: bool) -> None:
     """An output folder belongs to one input: another video's flows or masks in it would be reused or mixed
     in silently. The folder records its input; a different one stops the run unless --overwrite."""
+    if source.resolve().is_relative_to(out.resolve()):
+        raise UserError(f"--demo {source} lies inside the output folder {out}, whose outputs would replace or "
+                        "delete it; pass another --output")
     record = out / SOURCE_RECORD
     stat = source.stat()
     here = {"source": str(source.resolve()), "size": stat.st_size if source.is_file() else None,
@@ -108,7 +111,7 @@ def run_demo(args) -> Path:
     from flow_synthesis.video_flow import make_flow_backend, video_flows
     from inference import InferenceOptions, Segmenter
     from model.checkpoints import load_depthflow
-    from utils.device import resolve_device
+    from utils.device import configure_gpu, resolve_device
 
     if not args.checkpoint:
         raise UserError("--demo needs --checkpoint FILE (a released DepthFlow_mitb*.pth or a --train output)")
@@ -119,6 +122,7 @@ def run_demo(args) -> Path:
     else:
         open_video(source).release()
     device = resolve_device(args.device)
+    configure_gpu(device, args.strict_fp32)
     segmenter = Segmenter(load_depthflow(args.checkpoint, backbone=args.backbone, size=args.size),
                           InferenceOptions.from_args(args, device))
     out = Path(args.output) if args.output else Path("demo_out") / source.resolve().name
@@ -143,16 +147,13 @@ def write_outputs(segmenter, video: Video, out: Path, size: tuple[int, int]) -> 
     # OpenCV picks the container from the extension, so the partial file keeps .mp4; one rename finishes it.
     partial = out / "overlay.partial.mp4"
     writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), DEMO_FPS, (2 * size[0], size[1]))
-    with segmenter.reporting_loader_deaths():
-        for batch in segmenter.batches([video]):
-            for index, mask, image, flow in zip(batch.frames, batch.masks(), batch.images, batch.flows):
-                save_palette_mask(mask, out / "masks" / f"{video.frames[index].stem}.png")
-                composed = overlay(image.numpy(), mask, flow.numpy())
-                writer.write(np.ascontiguousarray(composed[..., ::-1]))
-                if index in wanted:
-                    scale = min(1.0, SHEET_TILE_WIDTH / composed.shape[1])
-                    tiles.append(cv2.resize(composed, (round(composed.shape[1] * scale),
-                                                       round(composed.shape[0] * scale))))
+    for frame in segmenter.frames([video]):
+        save_palette_mask(frame.mask, out / "masks" / f"{video.frames[frame.index].stem}.png")
+        composed = overlay(frame.image, frame.mask, frame.flow)
+        writer.write(np.ascontiguousarray(composed[..., ::-1]))
+        if frame.index in wanted:
+            scale = min(1.0, SHEET_TILE_WIDTH / composed.shape[1])
+            tiles.append(cv2.resize(composed, (round(composed.shape[1] * scale), round(composed.shape[0] * scale))))
     writer.release()
     partial.replace(out / "overlay.mp4")
     save_image_atomic(Image.fromarray(contact_sheet(tiles)), out / "contact_sheet.png")

@@ -1,9 +1,8 @@
 """Evaluation: segment test videos and score them, or score a folder of saved masks.
 
-One loop serves every dataset; what differs between datasets is data (dataset.DATASETS). Frames stream
-through the network (inference.Segmenter) in batches that never span two videos; PNG writing and scoring
-run in helper processes with a bounded backlog, so the device stays busy and host memory does not grow
-with video length. Under torchrun, videos are shared out over the processes.
+One loop serves every dataset; what differs between datasets is data (dataset.DATASETS). The engine
+(inference.Segmenter) segments every frame and hands each mask to `finish`, which writes its PNG and
+scores it against the ground truth. Under torchrun, videos are shared out over the processes.
 
 Scoring saved masks needs no model:
     python evaluator.py --dataset davis --data-root ../DB/VOS --results outputs/DAVIS16_val [--json FILE]
@@ -12,18 +11,15 @@ Scoring saved masks needs no model:
 import argparse
 import json
 import time
-from collections import defaultdict, deque
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
-from dataset import DATASETS, DEFAULT_DATA_ROOT, TEST_DATASETS, DatasetSpec, Frame, Video, dataset_root, scan
-from inference import InferenceOptions, Segmenter, helper_pool_context, init_helper, masks_from_output
+from dataset import DATASETS, DEFAULT_DATA_ROOT, DatasetSpec, Video, dataset_root, scan, test_datasets
+from inference import InferenceOptions, SegmentedFrame, Segmenter
 from utils import distributed
 from utils.device import default_workers
-from utils.errors import ArgumentParser, UserError, cli_entry, deferring_ctrl_c
+from utils.errors import ArgumentParser, UserError, cli_entry
 from utils.io import check_writable, write_text_atomic
 from utils.metrics import FrameScore, davis_summary, j_summary, score_frame
 from utils.palette import read_mask, save_palette_mask
@@ -43,105 +39,28 @@ def scored_frames(spec: DatasetSpec, video: Video) -> list[int]:
     return [i for i, f in enumerate(video.frames) if f.mask is not None]
 
 
-def packed_output(output: np.ndarray) -> np.ndarray:
-    """A Batch's output as it travels to a helper process: masks (0/1 bytes) packed 8 pixels to a byte,
-    so the pipe carries an eighth of the bytes; the CPU path's logits as they are."""
-    return np.packbits(output, axis=-1) if output.ndim == 3 else output
-
-
-def unpacked_output(output: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    return np.unpackbits(output, axis=-1, count=size[1]) if output.ndim == 3 else output
-
-
-def finish_batch(output: np.ndarray, size: tuple[int, int], frames: list[Frame], indices: list[int],
-                 out_paths: list[Path] | None, mask_rule: str, boundary: bool) -> list[FrameScore]:
-    """Masks of one batch (packed_output of inference.Batch.output) to PNGs and scores; runs in a helper
-    process."""
-    masks = masks_from_output(unpacked_output(output, size), size)
-    scores = []
-    for k, (mask, frame, index) in enumerate(zip(masks, frames, indices)):
-        if out_paths is not None:
-            save_palette_mask(mask, out_paths[k])
-        gt = read_mask(frame.mask, mask_rule) if frame.mask is not None else None
-        if gt is not None and gt.shape != mask.shape:
-            raise UserError(f"mask {frame.mask} is {gt.shape[1]}x{gt.shape[0]}, its frame {frame.image} is "
-                            f"{mask.shape[1]}x{mask.shape[0]} (expected equal sizes)")
-        scores.append(score_frame(index, mask, gt, boundary))
-    return scores
-
-
-class _Finisher:
-    """Runs finish_batch in helper processes (in-process without workers), keeping a bounded backlog."""
-
-    def __init__(self, processes: int):
-        self.pool = ProcessPoolExecutor(processes, mp_context=helper_pool_context(),
-                                        initializer=init_helper) if processes else None
-        self.backlog = 2 * processes
-        self.pending: deque = deque()
-
-    def submit(self, key: str, where: str, *job) -> list[tuple[str, list[FrameScore]]]:
-        """Queue a job; return the (key, scores) of jobs that had to finish to keep the backlog bounded."""
-        if self.pool is None:
-            return [(key, finish_batch(*job))]
-        try:
-            with deferring_ctrl_c():  # the first submission starts the helper processes
-                future = self.pool.submit(finish_batch, *job)
-        except BrokenProcessPool:  # a helper died since the last submission; its job is one of the pending
-            for item in self.pending:
-                self._result(*item)
-            self._broken(where)
-        self.pending.append((key, where, future))
-        done = []
-        while len(self.pending) > self.backlog:
-            done.append(self._result(*self.pending.popleft()))
-        return done
-
-    def drain(self) -> list[tuple[str, list[FrameScore]]]:
-        done = [self._result(*item) for item in self.pending]
-        self.pending.clear()
-        return done
-
-    def _result(self, key, where, future):
-        try:
-            return key, future.result()
-        except BrokenProcessPool:
-            self._broken(where)
-
-    @staticmethod
-    def _broken(where: str):
-        raise UserError(f"a helper process died while writing or scoring the masks of {where} (or a later "
-                        "batch); if memory ran short, lower --workers") from None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.pool is not None:
-            self.pool.shutdown(wait=exc[0] is None, cancel_futures=exc[0] is not None)
+def finish(frame: SegmentedFrame, spec: DatasetSpec, out_dir: Path | None) -> tuple[str, FrameScore]:
+    """Write one frame's mask (if out_dir is given) and score it against its ground truth, if it has one."""
+    video, truth = frame.video, frame.video.frames[frame.index]
+    if out_dir is not None:
+        save_palette_mask(frame.mask, out_dir / video.key / f"{truth.stem}.png")
+    gt = read_mask(truth.mask, spec.mask_rule) if truth.mask is not None else None
+    if gt is not None and gt.shape != frame.mask.shape:
+        raise UserError(f"mask {truth.mask} is {gt.shape[1]}x{gt.shape[0]}, its frame {truth.image} is "
+                        f"{frame.mask.shape[1]}x{frame.mask.shape[0]} (expected equal sizes)")
+    return video.key, score_frame(frame.index, frame.mask, gt, spec.metric == "davis")
 
 
 def segment_dataset(segmenter: Segmenter, spec: DatasetSpec, videos: list[Video], *, out_dir: Path | None,
-                    timing: dict | None = None, progress: bool = True) -> dict[str, list[FrameScore]]:
-    """Segment every frame, write masks under out_dir (if given) and return each video's frame scores.
-
-    Writing and scoring run in `workers` helper processes with a bounded backlog, so the main process
-    keeps the device busy and host memory stays flat however long a video is.
-    """
+                    progress: bool = True) -> tuple[dict[str, list[FrameScore]], float]:
+    """Segment every frame, write masks under out_dir (if given); each video's frame scores and the network's
+    time in seconds."""
+    results, stats = segmenter.segment(videos, lambda frame: finish(frame, spec, out_dir), desc=spec.title,
+                                       progress=progress)
     scores = defaultdict(list)
-    boundary = spec.metric == "davis"
-    with segmenter.reporting_loader_deaths(), _Finisher(segmenter.options.workers) as finisher:
-        for batch in segmenter.batches(videos, timing=timing, desc=spec.title, progress=progress):
-            video = batch.video
-            frames = [video.frames[i] for i in batch.frames]
-            outs = [out_dir / video.key / f"{f.stem}.png" for f in frames] if out_dir is not None else None
-            where = f"{video.key} (frames {frames[0].stem} to {frames[-1].stem})"
-            for key, done in finisher.submit(video.key, where, packed_output(batch.output),
-                                             batch.size, frames,
-                                             batch.frames, outs, spec.mask_rule, boundary):
-                scores[key] += done
-        for key, done in finisher.drain():
-            scores[key] += done
-    return scores
+    for key, score in results:
+        scores[key].append(score)
+    return scores, stats.forward_s
 
 
 def score_videos(spec: DatasetSpec, videos: list[Video], scores: dict[str, list[FrameScore]]) -> dict:
@@ -168,18 +87,13 @@ def _score_saved_video(job):
 
 
 def score_saved(spec: DatasetSpec, videos: list[Video], results_dir, workers: int = 2) -> dict:
-    """Score saved masks (results_dir/<video>/<stem>.png, any nonzero pixel is object) in worker processes."""
+    """Score saved masks (results_dir/<video>/<stem>.png, any nonzero pixel is object), on `workers` threads."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise UserError(f"results folder not found: {results_dir} (expected {results_dir}/<video>/<frame>.png)")
     jobs = [(spec, v, str(results_dir)) for v in videos]
-    if workers > 1:
-        with deferring_ctrl_c():
-            pool = helper_pool_context().Pool(workers, initializer=init_helper)
-        with pool:
-            scores = dict(pool.map(_score_saved_video, jobs))
-    else:
-        scores = dict(map(_score_saved_video, jobs))
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        scores = dict(pool.map(_score_saved_video, jobs))
     return summarise(spec, videos, scores)
 
 
@@ -204,11 +118,12 @@ def write_json(results: dict, path) -> None:
 
 def scan_datasets(names, data_root, overrides: dict) -> dict[str, list[Video]]:
     """Validate every requested test dataset before any work starts."""
+    known = test_datasets()
     if not names:
-        raise UserError(f"--datasets names no dataset; expected a comma-separated subset of {', '.join(TEST_DATASETS)}")
-    unknown = [n for n in names if n not in TEST_DATASETS]
+        raise UserError(f"--datasets names no dataset; expected a comma-separated subset of {', '.join(known)}")
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise UserError(f"unknown test dataset {unknown[0]!r}; expected one of {', '.join(TEST_DATASETS)}")
+        raise UserError(f"unknown test dataset {unknown[0]!r}; expected one of {', '.join(known)}")
     if len(set(names)) != len(names):
         raise UserError(f"--datasets names a dataset twice: {','.join(names)}")
     return {n: scan(DATASETS[n], dataset_root(DATASETS[n], data_root, overrides.get(n))) for n in names}
@@ -228,9 +143,9 @@ def evaluate_dataset(segmenter: Segmenter, spec: DatasetSpec, videos: list[Video
     a single process's; the result is on rank 0 only (None elsewhere)."""
     ctx = ctx or distributed.Context(0, 1, segmenter.device)
     mine = [videos[i] for i in distributed.shard_by_size([len(v.frames) for v in videos], ctx)]
-    timing, start = {}, time.perf_counter()
-    scores = segment_dataset(segmenter, spec, mine, out_dir=out_dir, timing=timing, progress=progress and ctx.is_main)
-    report = (dict(scores), sum(len(v.frames) for v in mine), timing["forward_s"], time.perf_counter() - start)
+    start = time.perf_counter()
+    scores, forward_s = segment_dataset(segmenter, spec, mine, out_dir=out_dir, progress=progress and ctx.is_main)
+    report = (dict(scores), sum(len(v.frames) for v in mine), forward_s, time.perf_counter() - start)
     gathered = distributed.gather_to_main(report, ctx)
     if gathered is None:
         return None
@@ -277,7 +192,7 @@ def evaluate(model, names: list[str], data_root, overrides: dict, output, option
 @cli_entry
 def main(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, choices=TEST_DATASETS)
+    parser.add_argument("--dataset", required=True, choices=test_datasets())
     parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT, help=f"default {DEFAULT_DATA_ROOT}")
     parser.add_argument("--dataset-root", help="this dataset's own folder (default DATA_ROOT/<its folder>)")
     parser.add_argument("--results", required=True, help="folder of masks: RESULTS/<video>/<frame>.png")

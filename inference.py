@@ -1,45 +1,44 @@
-"""Streaming inference: batches of video frames in, network outputs out, with the device kept busy.
+"""The inference engine: every frame of a list of videos through the network, as masks.
 
-Loader processes decode whole batches of frames into uint8 tensors, in the decoder's HxWx3 layout (a
-quarter of float32's bytes to copy, and no reordering on the host), and hand them over through shared
-memory that each process reuses (utils.shared_batches). The main process only moves a batch to the
-device, reorders it and turns it into floats there, runs the network and starts the copy of the result
-back; while the device works on one batch, the caller handles the previous one. What
-callers do with masks (writing PNGs, scoring) runs in their own worker processes (evaluator.py), so the
-loop that launches kernels never waits for it.
+`run.py --test`, `evaluator.py`, `--demo` and training's validation all segment through it:
 
-On a GPU the masks are made on the device (the bicubic resize to the frame's size, then the two-class
-decision) and only they travel back. On a CPU that resize costs as much as a small network, so it is
-left to the callers' processes (`masks_from_output`): the same operation on the same numbers, hence
-bit for bit the masks of `DepthFlow.predict`.
+    segmenter = Segmenter(model, InferenceOptions(device, batch_size=8, workers=8))
+    for frame in segmenter.frames(videos):          # SegmentedFrame: video, index, mask, image, flow
+        ...
+    results, stats = segmenter.segment(videos, handle)   # handle(frame) on helper threads
 
-Where shapes must stay fixed (a GPU, or --compile), the last batch of a video is padded to the full batch
-size and the padding dropped, so compilation happens once per frame size, before the timed part.
+It is the only place in the project with loader processes, helper threads and device streams:
+- Frames are decoded to uint8 by loader processes (utils.loading: a standard DataLoader; pinned on a GPU)
+  in batches that fill across consecutive videos of one frame size; videos are taken in groups of one
+  frame size, and on a GPU or with --compile the last batch of each size is padded, so the network sees
+  one shape per run (cuDNN tunes and torch.compile compiles once; padding is dropped from the results).
+- On the device: uint8 to float, the bicubic resize to the network's square size, the network
+  (`DepthFlow.forward_square`, the part --compile compiles), the logits' bicubic resize back to the
+  frame's size in float32, and the class decision. Only the uint8 masks travel back, while the next
+  batch is already queued on the device. These are `DepthFlow.predict`'s operations on the same numbers,
+  so the masks are its masks bit for bit (on a CPU; a GPU's kernels differ in the last bits).
+- `segment` hands each mask to helper threads (PNG encoding, reading ground truth and scoring release
+  the GIL), with a bounded backlog, so the thread that launches kernels never waits for them and host
+  memory stays flat however long a video is.
 """
 
-import contextlib
-import multiprocessing
-import signal
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import Video, VideoBatches, VideoFrames
+from dataset import Video, VideoFrames
 from model.depthflow import DepthFlow, class_masks, resize_bicubic
 from model.winograd import use_winograd, winograd_available
-from transforms import frames_to_float
+from transforms import to_float
+from utils import loading
 from utils.device import autocast_context, check_compiler
-from utils.errors import UserError, deferring_ctrl_c
-from utils.host_memory import init_loader_worker, reuse_freed_buffers
-from utils.loader_failures import loader_failure
-from utils.shared_batches import SharedBatches
-
-PREFETCH = 4  # batches each loader process keeps ready
+from utils.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,7 @@ class InferenceOptions:
 
     device: torch.device = torch.device("cpu")
     batch_size: int = 8
-    workers: int = 0  # loader processes; 0 decodes in the main process
+    workers: int = 0  # loader processes (0: decode in this process), and as many helper threads
     amp: str = "off"
     channels_last: bool = False
     compile: bool = False
@@ -61,38 +60,29 @@ class InferenceOptions:
                    channels_last=args.channels_last, compile=args.compile, winograd=args.winograd)
 
 
-@dataclass
-class Batch:
-    """Consecutive frames of one video and what the network made of them."""
-
+@dataclass(frozen=True)
+class SegmentedFrame:
     video: Video
-    frames: list[int]  # positions in the video
-    pixels: torch.Tensor  # Bx2xHxWx3 uint8 on the host: each frame's image and flow, as decoded
-    output: np.ndarray  # BxHxW uint8 masks, or (CPU) Bx2xSxS float32 logits at the network's size S
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(height, width) of the frames."""
-        return tuple(self.pixels.shape[2:4])
-
-    @property
-    def images(self) -> torch.Tensor:
-        """BxHxWx3 uint8."""
-        return self.pixels[:, 0]
-
-    @property
-    def flows(self) -> torch.Tensor:
-        return self.pixels[:, 1]
-
-    def masks(self) -> np.ndarray:
-        return masks_from_output(self.output, self.size)
+    index: int  # position of the frame in its video
+    mask: np.ndarray  # HxW uint8, 1 = object
+    image: np.ndarray  # HxWx3 uint8, as decoded
+    flow: np.ndarray
 
 
-def masks_from_output(output: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """BxHxW uint8 object masks from a Batch's output (resizing the logits where the device left them)."""
-    if output.ndim == 3:
-        return output
-    return class_masks(resize_bicubic(torch.from_numpy(output), size)).numpy()
+@dataclass
+class RunStats:
+    frames: int = 0
+    forward_s: float = 0.0  # the network's time (device time on a GPU), compilation and warm-up excluded
+
+
+def plan_batches(sizes: list[tuple[int, int]], lengths: list[int], batch_size: int) -> list[list[tuple[int, int]]]:
+    """(video, frame) keys in batches: videos grouped by frame size (sizes in order of first appearance,
+    videos in their order within a size), each group's frames in order, cut into batches of `batch_size`
+    that run on across videos. Only a group's last batch can be short."""
+    groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for v, (size, n) in enumerate(zip(sizes, lengths)):
+        groups.setdefault(size, []).extend((v, f) for f in range(n))
+    return [keys[i:i + batch_size] for keys in groups.values() for i in range(0, len(keys), batch_size)]
 
 
 def prepare_model(model: DepthFlow, options: InferenceOptions) -> DepthFlow:
@@ -106,7 +96,6 @@ def prepare_model(model: DepthFlow, options: InferenceOptions) -> DepthFlow:
             raise UserError("--winograd needs NNPACK, which this PyTorch build or this CPU lacks (drop --winograd)")
         use_winograd(model)
     if options.channels_last and device.type == "cuda":
-        # Measured on an H100: 2.3-2.6x slower than the default layout for this network (README, 'Speed').
         raise UserError("--channels-last is slower on a GPU for this network; it is a CPU option (drop it)")
     if options.compile:
         check_compiler(device)
@@ -116,13 +105,30 @@ def prepare_model(model: DepthFlow, options: InferenceOptions) -> DepthFlow:
     return model
 
 
+class DeviceQueue:
+    """The order of work on one device: on a GPU, events recorded on that device's current stream mark when
+    queued work is done, so the host waits for one batch without waiting for the next."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.gpu = device.type == "cuda"
+
+    def mark(self, timing: bool = False):
+        """An event at this point of the device's queue (None on a CPU, where work is done when it returns)."""
+        if not self.gpu:
+            return None
+        event = torch.cuda.Event(enable_timing=timing)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+
 @dataclass
 class _InFlight:
-    indices: list[int]  # into the run's VideoFrames
-    pixels: torch.Tensor  # as the loader made them
-    output: torch.Tensor
-    seconds: float  # the network's time (on a GPU, replaced by the events' once they have happened)
-    events: tuple[torch.cuda.Event, ...] = ()  # (start, end, copied back), on a GPU
+    keys: list[tuple[int, int]]
+    pixels: torch.Tensor  # Bx2xHxWx3 uint8 on the host
+    masks: torch.Tensor  # BxHxW uint8 on the host, complete once `done` has happened
+    seconds: float  # the network's time on a CPU
+    events: tuple = ()  # (start, end, done) on a GPU
 
 
 class Segmenter:
@@ -132,112 +138,95 @@ class Segmenter:
         self.options = options
         self.device = options.device
         self.model = prepare_model(model, options)
-        forward = self.model.forward_internal
-        self.network = torch.compile(forward, dynamic=False) if options.compile else forward
-        self.on_gpu = self.device.type == "cuda"
-        # Masks are made where the network runs on a GPU; tools.bench also sets this on a CPU, to measure
-        # what feeding a GPU costs the host.
-        self.masks_on_device = self.on_gpu
-        self.fixed_shapes = self.on_gpu or options.compile
+        square = self.model.forward_square
+        # Only the square part is compiled: its shapes never change, so it compiles once per run.
+        self.network = torch.compile(square, dynamic=False) if options.compile else square
+        self.queue = DeviceQueue(self.device)
+        self.fixed_shapes = self.queue.gpu or options.compile
         self._ready_shapes: set[tuple[int, ...]] = set()
-        # Input buffers reused batch after batch on a CPU (frames_to_float); a GPU's allocator caches its own.
-        self._float_buffers: dict[torch.Size, torch.Tensor] = {}
-        self._frames: VideoFrames | None = None  # of the run in progress, to name a frame that kills a loader
 
-    def batches(self, videos: list[Video], *, timing: dict | None = None, desc: str = "segmenting",
-                progress: bool = True) -> Iterator[Batch]:
-        """Every frame of `videos`, in order, in batches that never span two videos.
+    def frames(self, videos: list[Video], *, stats: RunStats | None = None, desc: str = "segmenting",
+               progress: bool = True) -> Iterator[SegmentedFrame]:
+        """Every frame of `videos`, segmented, grouped by frame size and in order within each group."""
+        stats = stats if stats is not None else RunStats()
+        data = VideoFrames(videos)
+        plan = plan_batches(data.sizes, [len(v.frames) for v in videos], self.options.batch_size)
+        loader = loading.data_loader(data, plan, self.options.workers, pin_memory=self.queue.gpu)
 
-        `timing["forward_s"]` accumulates the network's time (CUDA events on a GPU, so nothing waits for it).
-        """
-        timing = {} if timing is None else timing
-        timing.setdefault("forward_s", 0.0)
-        workers = self.options.workers
-        frames = self._frames = VideoFrames(videos, workers)
-        shared = SharedBatches(workers, PREFETCH + 1)
-        batched = VideoBatches(frames, self.options.batch_size, shared)
-        loader = DataLoader(batched, batch_size=None, num_workers=workers, pin_memory=self.on_gpu,
-                            prefetch_factor=PREFETCH if workers else None, worker_init_fn=init_loader_worker)
+        def where(k: int) -> str:
+            (v, first), (w, last) = plan[k][0], plan[k][-1]
+            if v == w:
+                return f"{videos[v].key} (frames {videos[v].frames[first].stem} to {videos[v].frames[last].stem})"
+            return f"{videos[v].key} frame {videos[v].frames[first].stem} to {videos[w].key} frame " \
+                   f"{videos[w].frames[last].stem}"
+
         previous = None
-        with self.reporting_loader_deaths(), tqdm(total=len(frames), unit="frame", desc=desc,
-                                                  disable=None if progress else True, leave=False) as bar:
-            with deferring_ctrl_c():
-                batches = iter(loader)  # starts the loader processes
-            for indices, (slot, pixels) in zip(batched.plan, batches):  # the loader keeps the plan's order
-                current = self._launch(indices, shared.receive(slot, pixels, pinned=self.on_gpu), videos)
+        with tqdm(total=len(data), unit="frame", desc=desc, disable=None if progress else True, leave=False) as bar:
+            for k, pixels in enumerate(loading.batches(loader, where)):
+                current = self._launch(plan[k], pixels, where(k))
                 if previous is not None:
-                    yield self._collect(previous, videos, timing)
-                    bar.update(len(previous.indices))
+                    yield from self._collect(previous, videos, stats)
+                    bar.update(len(previous.keys))
                 previous = current
             if previous is not None:
-                yield self._collect(previous, videos, timing)
-                bar.update(len(previous.indices))
+                yield from self._collect(previous, videos, stats)
+                bar.update(len(previous.keys))
 
-    @contextlib.contextmanager
-    def reporting_loader_deaths(self):
-        """Turn the loader's report of a dead process into one line naming the frame it was decoding, and its
-        failure to get shared memory into one line saying what to change (utils.loader_failures).
-
-        The loader raises the first from a signal handler, wherever the main process is; callers that do
-        work between batches wrap their loop in this too."""
+    def segment(self, videos: list[Video], handle: Callable[[SegmentedFrame], object], *, desc: str = "segmenting",
+                progress: bool = True) -> tuple[list, RunStats]:
+        """`handle(frame)` for every frame, on `workers` helper threads (at least one), with a bounded backlog.
+        Returns the handlers' results (in no set order) and the run's statistics."""
+        stats, results, pending = RunStats(), [], deque()
+        helpers = max(1, self.options.workers)
+        pool = ThreadPoolExecutor(helpers, thread_name_prefix="depthflow-helper")
         try:
-            yield
-        except RuntimeError as err:
-            failure = loader_failure(err, self._frames.decoding if self._frames is not None else None)
-            if failure is None:
-                raise
-            raise failure from None
+            for frame in self.frames(videos, stats=stats, desc=desc, progress=progress):
+                pending.append(pool.submit(handle, frame))
+                while len(pending) > 2 * self.options.batch_size + helpers:
+                    results.append(pending.popleft().result())
+            results += [future.result() for future in pending]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return results, stats
 
     def _to_device(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A loader batch (Bx2xHxWx3 uint8) -> image and flow, each Bx3xHxW float32 in [0, 1] on the device."""
+        """A loader batch (Bx2xHxWx3 uint8) -> image and flow at the network's square size, Bx3xSxS float32."""
         x = pixels.to(self.device, non_blocking=True)
         if self.fixed_shapes and len(x) < self.options.batch_size:
             x = torch.cat([x, x[-1:].expand(self.options.batch_size - len(x), -1, -1, -1, -1)])
-        planes = x.permute(1, 0, 4, 2, 3)  # 2xBx3xHxW: image and flow, channels first
-        out = None
-        if not self.on_gpu:  # safe to refill: a CPU network has finished with the last batch's input
-            out = self._float_buffers.get(planes.shape)
-            if out is None:
-                out = self._float_buffers[planes.shape] = torch.empty(planes.shape)
-        image, flow = frames_to_float(planes, out)
+        image, flow = (to_float(planes) for planes in x.permute(1, 0, 4, 2, 3))  # 2 x Bx3xHxW, channels first
+        image, flow = self.model.to_square(image), self.model.to_square(flow)
         if self.options.channels_last:
             image, flow = (t.contiguous(memory_format=torch.channels_last) for t in (image, flow))
         return image, flow
 
-    def _launch(self, indices: list[int], pixels: torch.Tensor, videos: list[Video]) -> _InFlight:
-        n = len(indices)
+    def _launch(self, keys: list[tuple[int, int]], pixels: torch.Tensor, where: str) -> _InFlight:
+        n, size = len(keys), tuple(pixels.shape[2:4])
         try:
-            image, flow = self._to_device(pixels)
-            self._warm_up(image, flow)
-            events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(3)) if self.on_gpu else ()
-            with torch.inference_mode(), autocast_context(self.device, self.options.amp):
-                start = time.perf_counter()
-                if events:
-                    events[0].record()
-                output = self._output(self.network(image, flow), tuple(image.shape[-2:]))[:n]
-                if events:
-                    events[1].record()
-                    output = output.to("cpu", non_blocking=True)
-                    events[2].record()
-                return _InFlight(indices, pixels, output, time.perf_counter() - start, events)
+            with torch.inference_mode():
+                image, flow = self._to_device(pixels)
+                self._warm_up(image, flow)
+                start_time, start = time.perf_counter(), self.queue.mark(timing=True)
+                with autocast_context(self.device, self.options.amp):
+                    logits = self.network(image, flow)
+                end = self.queue.mark(timing=True)
+                # float32 before the resize: reduced-precision logits would tie where float32's do not.
+                masks = class_masks(resize_bicubic(logits.float(), size))[:n]
+                masks = masks.to("cpu", non_blocking=True)  # into page-locked memory on a GPU
+                done = self.queue.mark()
+            return _InFlight(keys, pixels, masks, time.perf_counter() - start_time,
+                             (start, end, done) if self.queue.gpu else ())
         except torch.OutOfMemoryError:
-            video = videos[self._frames.index[indices[0]][0]]
-            h, w = pixels.shape[2:4]
-            raise UserError(f"out of GPU memory segmenting {video.key} ({w}x{h} frames) with --batch-size "
+            h, w = size
+            raise UserError(f"out of GPU memory segmenting {where} ({w}x{h} frames) with --batch-size "
                             f"{self.options.batch_size}; lower --batch-size") from None
 
-    def _output(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """What leaves the device for the host (Batch.output)."""
-        if self.masks_on_device:
-            return class_masks(resize_bicubic(logits, size))
-        return logits.float().contiguous()
-
     def _warm_up(self, image: torch.Tensor, flow: torch.Tensor) -> None:
-        """Pay compilation (and the allocator's first growth) for a new shape before the timed part."""
+        """Pay compilation, cuDNN's tuning and the allocator's first growth before the timed part."""
         if not self.fixed_shapes or image.shape in self._ready_shapes:
             return
         try:
-            with torch.inference_mode(), autocast_context(self.device, self.options.amp):
+            with autocast_context(self.device, self.options.amp):
                 self.network(image, flow)
         except torch.OutOfMemoryError:
             raise
@@ -246,29 +235,17 @@ class Segmenter:
                 raise
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise UserError(f"--compile failed to compile the network ({first}); drop --compile") from None
-        if self.on_gpu:
+        if self.queue.gpu:
             torch.cuda.synchronize(self.device)
         self._ready_shapes.add(image.shape)
 
-    def _collect(self, flight: _InFlight, videos: list[Video], timing: dict) -> Batch:
+    def _collect(self, flight: _InFlight, videos: list[Video], stats: RunStats) -> Iterator[SegmentedFrame]:
         if flight.events:
             start, end, done = flight.events
             done.synchronize()
             flight.seconds = start.elapsed_time(end) / 1000
-        timing["forward_s"] += flight.seconds
-        video, _ = self._frames.index[flight.indices[0]]
-        return Batch(videos[video], [self._frames.index[i][1] for i in flight.indices], flight.pixels,
-                     flight.output.numpy())
-
-
-def init_helper() -> None:
-    """Initialiser of helper processes: one thread each, so they do not fight the main process for cores,
-    and deaf to Ctrl-C, which the main process handles for all."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(1)
-    reuse_freed_buffers()
-
-
-def helper_pool_context():
-    """Helper processes are forked: they start at once and inherit the loaded modules; they never use CUDA."""
-    return multiprocessing.get_context("fork")
+        stats.forward_s += flight.seconds
+        stats.frames += len(flight.keys)
+        masks, pixels = flight.masks.numpy(), flight.pixels.numpy()
+        for row, (v, f) in enumerate(flight.keys):
+            yield SegmentedFrame(videos[v], f, masks[row], pixels[row, 0], pixels[row, 1])

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from dataset import DATASETS, DEFAULT_DATA_ROOT, VIDEO_DATASETS, dataset_root
+from dataset import DATASETS, DEFAULT_DATA_ROOT, dataset_root, video_datasets
 from utils.device import resolve_device
 from utils.errors import ArgumentParser, UserError, cli_entry
 from utils.flow_viz import flow_to_rgb
@@ -143,7 +143,7 @@ def main(argv=None):
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--frames", help="a folder of frames (.jpg/.png)")
-    source.add_argument("--dataset", choices=VIDEO_DATASETS,
+    source.add_argument("--dataset", choices=video_datasets(),
                         help="every video of a dataset; flows go to its JPEGFlows folder")
     parser.add_argument("--out", help="with --frames: folder for the flow images")
     parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT, help=f"default {DEFAULT_DATA_ROOT}")

@@ -1,7 +1,7 @@
 """Every checkpoint format a user holds, read from local files only.
 
 - released: the authors' DepthFlow_mitb*.pth / FakeFlow_mitb*.pth (HF 4.x names under `vos.`, maybe `module.`)
-- project: this repository's training checkpoint (model, optimizer, epoch, config, RNG states)
+- project: this repository's training checkpoint (model, optimizer, epoch, config, recipe)
 - ImageNet MiT to start training from: HF `nvidia/mit-b*` (.bin or .safetensors) or NVlabs `mit_b*.pth`
 """
 
@@ -11,17 +11,18 @@ import torch
 
 from model import mit_keys
 from model.depthflow import DepthFlow
-from model.mit import HF_LAYER_NORM_EPS
+from model.encoders import is_mit
+from model.mit import HF_LAYER_NORM_EPS, MIT_SPECS
 from utils.errors import UserError
 from utils.io import save_torch_atomic
 
 PROJECT_FORMAT = "depthflow-project"
 PROJECT_VERSION = 1
 
-RELEASED_HINT = ("the authors' release (DepthFlow_mitb{0,1,2}.pth or FakeFlow_mitb{0,1,2}.pth; "
-                 "see README, 'Checkpoints')")
-PRETRAINED_HINT = ("the HF hub repo nvidia/mit-b{0,1,2} (pytorch_model.bin or model.safetensors) "
-                   "or NVlabs SegFormer's mit_b{0,1,2}.pth (see README, 'Checkpoints')")
+RELEASED_HINT = "the authors' release (DepthFlow_mitb*.pth or FakeFlow_mitb*.pth; see README, 'Downloads')"
+PRETRAINED_HINT = ("the HF hub repo nvidia/mit-b* (pytorch_model.bin or model.safetensors) or NVlabs SegFormer's "
+                   "mit_b*.pth for MiT; a timm checkpoint of the model for timm:<name> (see README, 'Downloads')")
+MIT_NAMES = ", ".join(MIT_SPECS)
 
 # Released names of the two encoders, and where the HF encoder sits inside each.
 _RELEASED_ENCODERS = {"app_encoder": "appearance_encoder", "mo_encoder": "motion_encoder"}
@@ -84,7 +85,7 @@ def released_to_model(state_dict: dict) -> tuple[dict, str]:
         hf = _strip(enc, _HF_ENCODER_PREFIX)
         backbone = mit_keys.infer_backbone(hf, "hf")
         if backbone is None:
-            raise ValueError(f"the {released} weights match no MiT-B0/B1/B2 layout")
+            raise ValueError(f"the {released} weights match no MiT layout ({MIT_NAMES})")
         backbones.add(backbone)
         out.update({f"{ours}.mit.{k}": v for k, v in mit_keys.convert(hf, backbone, "hf", "timm").items()})
         for buffer in ("mean", "std"):
@@ -95,13 +96,23 @@ def released_to_model(state_dict: dict) -> tuple[dict, str]:
     return out, backbones.pop()
 
 
-def model_to_released(state_dict: dict, backbone: str) -> dict:
-    """This project's DepthFlow state dict -> the released layout (inverse of released_to_model)."""
+def model_to_released(model: DepthFlow) -> dict:
+    """This project's DepthFlow -> the released layout (inverse of released_to_model). The released layout
+    holds a MiT model at 512 with LayerNorm eps 1e-5 and nothing else, so any other model is refused
+    (ValueError saying what would be lost) rather than written as a file that loads as a different model."""
+    lost = [what for what, kept in (
+        (f"the backbone {model.backbone} (the layout holds MiT only)", is_mit(model.backbone)),
+        (f"the internal size {model.size} (the layout implies 512)", model.size == 512),
+        (f"LayerNorm eps {model.layer_norm_eps} (the layout implies {HF_LAYER_NORM_EPS})",
+         model.layer_norm_eps == HF_LAYER_NORM_EPS)) if not kept]
+    if lost:
+        raise ValueError(f"the released layout cannot keep {lost[0]}")
+    state_dict = model.state_dict()
     out = {}
     for released, ours in _RELEASED_ENCODERS.items():
         enc = _strip(state_dict, f"{ours}.")
         timm_sd = _strip(enc, "mit.")
-        hf = mit_keys.convert(timm_sd, backbone, "timm", "hf")
+        hf = mit_keys.convert(timm_sd, model.backbone, "timm", "hf")
         out.update({f"vos.{released}.{_HF_ENCODER_PREFIX}{k}": v for k, v in hf.items()})
         for buffer in ("mean", "std"):
             out[f"vos.{released}.{buffer}"] = enc[buffer]
@@ -109,10 +120,11 @@ def model_to_released(state_dict: dict, backbone: str) -> dict:
     return out
 
 
-def load_strictly(model: torch.nn.Module, state_dict: dict, path, network: str) -> None:
-    """Every parameter present, none left over, every shape right; otherwise one line naming the file."""
+def load_strictly(model: torch.nn.Module, state_dict: dict, path, network: str, assign: bool = False) -> None:
+    """Every parameter present, none left over, every shape right; otherwise one line naming the file.
+    `assign`: take the tensors themselves (for a model built on the meta device, which has none of its own)."""
     try:
-        result = model.load_state_dict(state_dict, strict=False)
+        result = model.load_state_dict(state_dict, strict=False, assign=assign)
     except RuntimeError as err:  # shape mismatches
         detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
         raise UserError(f"{path} does not fit {network}: {detail}") from None
@@ -150,14 +162,20 @@ def load_depthflow(path, backbone: str | None = None, size: int | None = None, m
                         f"or a training checkpoint of this project)")
     if backbone is not None and found != backbone:
         raise _backbone_mismatch(path, found, backbone)
-    model = DepthFlow(found, size=size or trained_size, layer_norm_eps=eps)
-    load_strictly(model, state_dict, path, "the DepthFlow network")
+    if bad := next((k for k, v in state_dict.items() if v.is_floating_point() and not v.isfinite().all()), None):
+        raise UserError(f"{path} holds NaN or infinite weights ({bad}); it cannot segment anything")
+    with torch.device("meta"):  # no random initialisation of weights that the file replaces
+        model = DepthFlow(found, size=size or trained_size, layer_norm_eps=eps)
+    load_strictly(model, state_dict, path, "the DepthFlow network", assign=True)
     return model.to(map_location)
 
 
-def load_pretrained_mit(model: DepthFlow, path) -> str:
-    """Initialise both encoders from ImageNet MiT weights (HF hub or NVlabs layout). Returns the layout."""
+def load_pretrained(model: DepthFlow, path) -> str:
+    """Initialise both encoders from ImageNet weights: MiT from the HF hub or NVlabs layout, a timm backbone
+    from its timm checkpoint (classifier keys dropped). Returns the layout found."""
     obj = _unwrap(read_file(path, PRETRAINED_HINT))
+    if not is_mit(model.backbone):
+        return _load_timm_pretrained(model, obj, path)
     fmt = detect_format(obj)
     if fmt == "hf-mit":
         sd = _strip(obj, "segformer.") if any(k.startswith("segformer.") for k in obj) else obj
@@ -170,7 +188,7 @@ def load_pretrained_mit(model: DepthFlow, path) -> str:
         raise UserError(f"{path} is not an ImageNet MiT checkpoint (expected {PRETRAINED_HINT})")
     found = mit_keys.infer_backbone(sd, layout)
     if found is None:
-        raise UserError(f"{path} matches no MiT-B0/B1/B2 layout (expected {PRETRAINED_HINT})")
+        raise UserError(f"{path} matches no MiT layout ({MIT_NAMES}; expected {PRETRAINED_HINT})")
     if found != model.backbone:
         raise _backbone_mismatch(path, found, model.backbone)
     try:
@@ -182,19 +200,32 @@ def load_pretrained_mit(model: DepthFlow, path) -> str:
     return layout
 
 
+def _load_timm_pretrained(model: DepthFlow, obj: dict, path) -> str:
+    """The feature extractor keeps the full model's module names, so its keys are the checkpoint's minus
+    the layers it drops (the classifier and anything after the last feature map)."""
+    wanted = model.appearance_encoder.features.state_dict().keys()
+    sd = {k: v for k, v in obj.items() if k in wanted}
+    for encoder in (model.appearance_encoder, model.motion_encoder):
+        load_strictly(encoder.features, sd, path, f"the {model.backbone} encoder")
+    return "timm"
+
+
 def model_config(model: DepthFlow) -> dict:
     return {"backbone": model.backbone, "size": model.size, "layer_norm_eps": model.layer_norm_eps}
 
 
-def save_project_checkpoint(path, model: DepthFlow, **training_state) -> None:
-    """Write atomically: {format, version, config, model, **training_state} (optimizer, epoch, rng, ...)."""
+def save_project_checkpoint(path, model: DepthFlow, state_dict: dict | None = None, **training_state) -> None:
+    """Write atomically: {format, version, config, model, **training_state} (optimizer, epoch, recipe, ...).
+    `state_dict`: the model's weights as already copied to the host (default: copied from `model` now)."""
+    if state_dict is None:
+        state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"format": PROJECT_FORMAT, "version": PROJECT_VERSION, "config": model_config(model),
-               "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+               "model": state_dict}
     payload.update(training_state)
     save_torch_atomic(payload, path)
 
 
-TRAINING_STATE = ("optimizer", "scaler", "epoch", "step", "best", "rng", "args")
+TRAINING_STATE = ("optimizer", "scaler", "epoch", "step", "best")
 
 
 def read_project_checkpoint(path, training: bool = False) -> dict:

@@ -5,10 +5,10 @@
 """
 
 import argparse
+from pathlib import Path
 
 from model.checkpoints import load_depthflow, model_to_released, save_project_checkpoint
-from model.mit import BACKBONES
-from utils.errors import ArgumentParser, cli_entry
+from utils.errors import ArgumentParser, UserError, cli_entry
 from utils.io import save_torch_atomic
 
 
@@ -18,13 +18,19 @@ def main(argv=None):
     parser.add_argument("input", help="released or project checkpoint")
     parser.add_argument("output", help="file to write (atomically)")
     parser.add_argument("--to", choices=("project", "released"), default="project")
-    parser.add_argument("--backbone", choices=BACKBONES, help="check the input's backbone")
+    parser.add_argument("--backbone", help="check the input's backbone")
     args = parser.parse_args(argv)
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise UserError(f"{args.output} is the input; write the converted file elsewhere")
     model = load_depthflow(args.input, backbone=args.backbone)
     if args.to == "project":
         save_project_checkpoint(args.output, model)
     else:
-        save_torch_atomic(model_to_released(model.state_dict(), model.backbone), args.output)
+        try:
+            released = model_to_released(model)
+        except ValueError as err:
+            raise UserError(f"{args.input}: {err}") from None
+        save_torch_atomic(released, args.output)
     print(f"wrote {args.output} ({args.to} layout, {model.backbone})")
 
 

@@ -1,11 +1,12 @@
-"""The DepthFlow / FakeFlow network: appearance and motion MiT encoders, summed, then the CBAM decoder."""
+"""The DepthFlow / FakeFlow network: appearance and motion encoders, summed, then the CBAM decoder."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.decoder import Decoder
-from model.mit import HF_LAYER_NORM_EPS, MiTEncoder
+from model.encoders import build_encoder
+from model.mit import HF_LAYER_NORM_EPS
 
 
 def resize_bicubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -24,9 +25,9 @@ class DepthFlow(nn.Module):
     """Two-stream video object segmentation network.
 
     Args:
-        backbone: MiT version of both encoders, "mitb0", "mitb1" or "mitb2".
+        backbone: the encoders' backbone (model.encoders): "mitb0" ... "mitb5", or "timm:<name>".
         size: side of the square internal resolution; the published model runs at 512.
-        layer_norm_eps: 1e-5 for the released checkpoints (trained under HF transformers).
+        layer_norm_eps: MiT's block and stage LayerNorms; 1e-5 for the released checkpoints (HF transformers).
     """
 
     def __init__(self, backbone: str = "mitb0", size: int = 512, layer_norm_eps: float = HF_LAYER_NORM_EPS):
@@ -36,21 +37,24 @@ class DepthFlow(nn.Module):
         self.backbone = backbone
         self.size = size
         self.layer_norm_eps = layer_norm_eps
-        self.appearance_encoder = MiTEncoder(backbone, layer_norm_eps)
-        self.motion_encoder = MiTEncoder(backbone, layer_norm_eps)
+        self.appearance_encoder = build_encoder(backbone, layer_norm_eps)
+        self.motion_encoder = build_encoder(backbone, layer_norm_eps)
         self.decoder = Decoder(self.appearance_encoder.out_channels)
 
     def forward(self, image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         """image, flow: Bx3xHxW in [0, 1]. Returns Bx2xHxW two-class logits at the input's size."""
-        out_size = tuple(image.shape[-2:])
-        logits = self.forward_internal(image, flow)
-        return resize_bicubic(logits, out_size)
+        logits = self.forward_square(self.to_square(image), self.to_square(flow))
+        return resize_bicubic(logits, tuple(image.shape[-2:]))
 
-    def forward_internal(self, image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-        """Logits at the internal size x size resolution (where training computes its loss)."""
-        square = (self.size, self.size)
-        appearance = self.appearance_encoder(resize_bicubic(image, square))
-        motion = self.motion_encoder(resize_bicubic(flow, square))
+    def to_square(self, x: torch.Tensor) -> torch.Tensor:
+        """Resize to the internal size x size resolution, bicubically (no antialiasing), as the reference does."""
+        return resize_bicubic(x, (self.size, self.size))
+
+    def forward_square(self, image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        """The network at its internal resolution: size x size inputs in, size x size logits out. Training
+        computes its loss here; the inference engine compiles this part, whose shapes never change."""
+        appearance = self.appearance_encoder(image)
+        motion = self.motion_encoder(flow)
         return self.decoder([a + m for a, m in zip(appearance, motion)])
 
     @torch.no_grad()

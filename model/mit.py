@@ -1,8 +1,8 @@
-"""MiT (SegFormer's Mix Transformer) encoders B0-B2, built on timm's PVTv2.
+"""MiT (SegFormer's Mix Transformer) encoders B0-B5, built on timm's PVTv2.
 
 timm has no model called MiT, but PVTv2 with Mix-FFN ratios of 4 in every stage is MiT module for module:
 overlapping patch embeddings, spatial-reduction attention with a fused kv projection, depthwise-conv
-Mix-FFN and a LayerNorm closing each stage.
+Mix-FFN and a LayerNorm closing each stage. A new MiT size is one line of `MIT_SPECS`.
 """
 
 from dataclasses import dataclass
@@ -24,18 +24,21 @@ NVLABS_LAYER_NORM_EPS = 1e-6
 @dataclass(frozen=True)
 class MiTSpec:
     depths: tuple[int, int, int, int]
-    embed_dims: tuple[int, int, int, int]
+    embed_dims: tuple[int, int, int, int] = (64, 128, 320, 512)
     num_heads: tuple[int, int, int, int] = (1, 2, 5, 8)
     sr_ratios: tuple[int, int, int, int] = (8, 4, 2, 1)
     mlp_ratios: tuple[int, int, int, int] = (4, 4, 4, 4)
 
 
+# SegFormer's six sizes. The released DepthFlow/FakeFlow models are B0, B1 and B2.
 MIT_SPECS = {
     "mitb0": MiTSpec(depths=(2, 2, 2, 2), embed_dims=(32, 64, 160, 256)),
-    "mitb1": MiTSpec(depths=(2, 2, 2, 2), embed_dims=(64, 128, 320, 512)),
-    "mitb2": MiTSpec(depths=(3, 4, 6, 3), embed_dims=(64, 128, 320, 512)),
+    "mitb1": MiTSpec(depths=(2, 2, 2, 2)),
+    "mitb2": MiTSpec(depths=(3, 4, 6, 3)),
+    "mitb3": MiTSpec(depths=(3, 4, 18, 3)),
+    "mitb4": MiTSpec(depths=(3, 8, 27, 3)),
+    "mitb5": MiTSpec(depths=(3, 6, 40, 3)),
 }
-BACKBONES = tuple(MIT_SPECS)
 
 
 class MiTEncoder(nn.Module):
@@ -44,7 +47,6 @@ class MiTEncoder(nn.Module):
     def __init__(self, backbone: str = "mitb0", layer_norm_eps: float = HF_LAYER_NORM_EPS):
         super().__init__()
         spec = MIT_SPECS[backbone]
-        self.backbone_name = backbone
         self.out_channels = spec.embed_dims
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))

@@ -10,9 +10,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# What torch raised on this project's machine when /dev/shm could not hold a loader's buffer (torch 2.14).
-NO_SHARED_MEMORY = ("unable to allocate shared memory(shm) for file </torch_15846_2425047836_0>: "
-                    "No space left on device (28)")
 
 
 def run_cli(*args, cwd=ROOT, timeout=600):
@@ -48,6 +45,33 @@ def ctrl_c_once(args, ready: Path, cwd=ROOT):
     os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     return proc.returncode, stdout, stderr
+
+
+def children(pid: int) -> list[int]:
+    """The process ids of the living children of `pid` (Linux /proc)."""
+    return _process_tree().get(pid, [])
+
+
+def descendants(pid: int) -> list[int]:
+    """The process ids of every living descendant of `pid` (Linux /proc)."""
+    tree, found, todo = _process_tree(), [], [pid]
+    while todo:
+        kids = tree.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return sorted(found)
+
+
+def _process_tree() -> dict[int, list[int]]:
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":  # a zombie has exited; only its parent has not read its status yet
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return children
 
 
 def assert_one_line_error(rc, stderr, *fragments):

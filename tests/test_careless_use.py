@@ -3,9 +3,11 @@
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -13,21 +15,26 @@ import torch
 from PIL import Image
 
 import run
-from dataset import DATASETS, scan
+from dataset import DATASETS, Source, TrainingFrames, scan
 from flow_synthesis.__main__ import main as synth_main
 from flow_synthesis.video_flow import main as flow_main
 from model import DepthFlow
 from model.checkpoints import read_project_checkpoint, save_project_checkpoint
-from tests.conftest import NO_SHARED_MEMORY, ROOT, assert_one_line_error, ctrl_c_once, hearing_ctrl_c, run_main
-from trainer import GlobalBatches, train
+from tests.conftest import ROOT, assert_one_line_error, children, ctrl_c_once, run_main
+from trainer import GlobalBatches
 from utils import distributed
+from utils.interrupts import StopRequests
 from utils.io import save_image_atomic, write_text_atomic
 
 
 def _train_args(toy_root, out, *extra):
     return ["--train", "--backbone", "mitb0", "--size", "32", "--stage", "2", "--datasets", "duts:8,davis_train:8",
-            "--batch-size", "4", "--lr", "1e-4", "--workers", "0", "--device", "cpu", "--val-every", "0",
+            "--batch-size", "4", "--lr", "1e-4", "--workers", "0", "--device", "cpu", "--selection", "last",
             "--checkpoint-every", "1", "--epochs", "2", "--data-root", toy_root, "--output", out, *extra]
+
+
+def train(args):
+    return run.run_train(args, StopRequests())
 
 
 @pytest.fixture
@@ -66,7 +73,7 @@ def test_an_output_folder_holding_a_run_is_not_mixed_with_another(toy_root, tmp_
     assert run.main(list(map(str, _train_args(toy_root, out, "--seed", "5", "--overwrite")))) is None
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]  # the first run's lines are gone, not mixed in
-    assert read_project_checkpoint(out / "last.pth")["args"]["seed"] == 5
+    assert read_project_checkpoint(out / "last.pth")["recipe"]["seed"] == 5
 
 
 def test_resume_refuses_other_batches_and_weights_only_files(toy_root, tmp_path, check):
@@ -74,10 +81,13 @@ def test_resume_refuses_other_batches_and_weights_only_files(toy_root, tmp_path,
     assert run.main(list(map(str, _train_args(toy_root, out, "--epochs", "1")))) is None
     for flag, value, shown in (("--batch-size", "8", "--batch-size 4"), ("--seed", "3", "--seed 0"),
                                ("--datasets", "duts:16", "--datasets duts:8,davis_train:8")):
-        argv = [a for a in _train_args(toy_root, out, "--resume") if a not in ("duts:8,davis_train:8",)]
+        argv = [a for a in _train_args(toy_root, out, "--resume", "--epochs", "1")
+                if a not in ("duts:8,davis_train:8",)]
         argv = [*argv[:argv.index("--datasets")], *argv[argv.index("--datasets") + 1:]]
         check(run.main, *argv, "--datasets", "duts:8,davis_train:8", flag, value,
-              expect=[f"{out / 'last.pth'} was trained with {shown}", "same batches"])
+              expect=[f"{out / 'last.pth'} was trained with {shown} (this run asks for", "keeps its recipe"])
+    check(run.main, *_train_args(toy_root, out, "--resume", "--epochs", "3", "--lr", "2e-4"),
+          expect=["--epochs 1 (this run asks for 3), --lr 0.0001 (this run asks for 0.0002)"])
     converted = tmp_path / "weights.pth"
     save_project_checkpoint(converted, DepthFlow("mitb0", size=32))
     check(run.main, *_train_args(toy_root, tmp_path / "other", "--resume", converted),
@@ -86,15 +96,13 @@ def test_resume_refuses_other_batches_and_weights_only_files(toy_root, tmp_path,
 
 def _first_use_of_each_flow(source, epochs: int) -> dict:
     """flow path -> (epoch, steps done before the first batch that reads it), for davis_train:8, batch 4."""
-    import random
-
     plan = GlobalBatches(8, 4, 0, distributed.Context(0, 1, torch.device("cpu")))
+    data = TrainingFrames([source], size=32, seed=0)
     first = {}
     for epoch in range(epochs):
         for step, batch in enumerate(plan.epoch(epoch)):
-            for e, i in batch:
-                rng = random.Random(f"0/{e}/{i}")  # as TrainingFrames draws (seed 0)
-                first.setdefault(rng.choice(rng.choice(source.annotated)).flow, (epoch, step))
+            for key in batch:
+                first.setdefault(data.frame_for(key).flow, (epoch, step))
     return first
 
 
@@ -102,8 +110,6 @@ def test_a_corrupt_file_found_mid_training_keeps_the_work_done(toy_copy, tmp_pat
     """The flow first read latest in the run is truncated: the run stops with one line, last.pth holds every
     finished step (checkpoints were otherwise due only at the end), and --resume after the repair ends where
     a clean run ends."""
-    from dataset import Source
-
     args = ["--datasets", "davis_train:8", "--checkpoint-every", "5", "--epochs", "3"]
     clean = tmp_path / "clean"
     train(run.parse_args(list(map(str, _train_args(toy_copy, clean, *args)))))
@@ -126,47 +132,46 @@ def test_a_corrupt_file_found_mid_training_keeps_the_work_done(toy_copy, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _no_shared_memory(*args, **kwargs):
-    raise RuntimeError(NO_SHARED_MEMORY)
+def test_training_stops_in_one_line_when_loader_processes_cannot_start(toy_root, tmp_path, check, monkeypatch):
+    """The loader cannot make its queues (a full /dev/shm, as in a default Docker container): one line saying
+    what to change, and the work kept."""
+    def no_room(self):
+        raise OSError(28, "No space left on device")
 
-
-def test_training_stops_in_one_line_when_shared_memory_runs_out(toy_root, tmp_path, check, monkeypatch):
-    """The loader processes cannot hand over a batch (a small /dev/shm, as in a default Docker container):
-    one line saying what to change, and the work kept."""
-    monkeypatch.setattr(torch.UntypedStorage, "_new_shared", _no_shared_memory)  # the loader processes inherit it
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", no_room)
     out = tmp_path / "t"
     check(run.main, *_train_args(toy_root, out, "--workers", "2"),
-          expect=["ran out of shared memory (/dev/shm", "--shm-size", f"saved {out / 'last.pth'}", "--resume"])
+          expect=["cannot start the data-loading processes", "--shm-size", f"saved {out / 'last.pth'}", "--resume"])
     assert read_project_checkpoint(out / "last.pth")["step"] == 0
 
 
-def _killed(path):
-    os._exit(137)  # as the kernel's OOM killer would end it
-
-
-def test_training_stops_in_one_line_when_a_loader_process_dies(toy_root, tmp_path, check, monkeypatch):
-    import dataset
-
-    monkeypatch.setattr(dataset, "read_rgb", _killed)  # the loader processes inherit it
+def test_training_stops_in_one_line_when_a_loader_process_dies(toy_root, tmp_path):
+    """A loader process killed as the kernel's out-of-memory killer would: one line, the finished steps saved."""
     out = tmp_path / "t"
-    check(run.main, *_train_args(toy_root, out, "--workers", "2"),
-          expect=["a data-loading process died", "lower --workers or --batch-size", f"saved {out / 'last.pth'}"])
+    proc = subprocess.Popen([sys.executable, "run.py", *map(str, _train_args(toy_root, out, "--workers", "1",
+                                                                             "--epochs", "500"))],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    loaders = [p for server in children(proc.pid) for p in children(server)]
+    assert loaders, "no loader process found"
+    os.kill(loaders[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert_one_line_error(proc.returncode, err, "data loading failed at epoch", "DataLoader worker",
+                          "lower --workers", f"saved {out / 'last.pth'}", "--resume")
 
 
 def test_a_corrupt_file_one_process_reads_stops_every_process(toy_copy, tmp_path):
     """Under torchrun, a truncated flow that only rank 1 reads: both processes stop at once with its one
     line (rank 0 does not wait in the step's all-reduce), and rank 0 saves the finished steps."""
-    import random
-
-    from dataset import Source
-
     source = Source(DATASETS["davis_train"], scan(DATASETS["davis_train"], toy_copy / "DAVIS"), 8)
+    data = TrainingFrames([source], size=32, seed=0)
     seen, victim = set(), None
     for epoch in range(3):
         for step, ranks in enumerate(zip(*(GlobalBatches(8, 4, 0, distributed.Context(r, 2, torch.device("cpu")))
                                            .epoch(epoch) for r in range(2)))):
-            flows = [{rng.choice(rng.choice(source.annotated)).flow for rng in
-                      (random.Random(f"0/{e}/{i}") for e, i in keys)} for keys in ranks]
+            flows = [{data.frame_for(key).flow for key in keys} for keys in ranks]
             fresh = flows[1] - flows[0] - seen
             if (epoch, step) > (0, 0) and fresh and victim is None:
                 victim, where = sorted(fresh)[0], (epoch, step)
@@ -192,7 +197,7 @@ def test_a_corrupt_file_one_process_reads_stops_every_process(toy_copy, tmp_path
 
 
 def test_training_data_of_mismatched_sizes_stops(toy_copy, tmp_path, check):
-    for mask in (toy_copy / "DAVIS/Annotations/480p/train00").glob("*.png"):
+    for mask in (toy_copy / "DAVIS/Annotations/480p/davis_train_00").glob("*.png"):
         Image.open(mask).resize((48, 32)).save(mask)
     check(run.main, *_train_args(toy_copy, tmp_path / "t", "--datasets", "davis_train:8"),
           expect=["mask", "is 48x32, its frame", "is 96x64", "expected equal sizes"])
@@ -211,17 +216,19 @@ def test_resume_log_has_no_repeated_epochs(toy_root, tmp_path):
 
 
 def test_a_two_process_run_resumes_in_one_process(toy_root, tmp_path):
-    """Global batches do not depend on the process count: 2 processes for epoch 1, then 1 for epoch 2, ends
-    where one process alone ends (up to the order of float sums in the averaged gradients)."""
+    """Global batches do not depend on the process count: 2 processes for epoch 1, then 1 for epoch 2 (from the
+    snapshot the 2 processes kept after epoch 1), ends where one process alone ends (up to the order of float
+    sums in the averaged gradients)."""
     straight = train(run.parse_args(list(map(str, _train_args(toy_root, tmp_path / "one", "--lr", "1e-5")))))
     mixed = tmp_path / "mixed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29541",
-               "run.py", *map(str, _train_args(toy_root, mixed, "--lr", "1e-5", "--epochs", "1"))]
+               "run.py", *map(str, _train_args(toy_root, mixed, "--lr", "1e-5", "--save-every", "1"))]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert read_project_checkpoint(mixed / "last.pth")["epoch"] == 1
-    train(run.parse_args(list(map(str, _train_args(toy_root, mixed, "--lr", "1e-5", "--resume")))))
+    assert read_project_checkpoint(mixed / "epoch_00001.pth")["epoch"] == 1
+    train(run.parse_args(list(map(str, _train_args(toy_root, mixed, "--lr", "1e-5", "--resume",
+                                                   mixed / "epoch_00001.pth")))))
     a, b = (read_project_checkpoint(p / "last.pth")["model"] for p in (straight, mixed))
     start = DepthFlow("mitb0", size=32).state_dict()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
@@ -243,16 +250,16 @@ def test_global_batches_are_the_same_for_any_process_count():
 
 def test_dataset_lists_and_short_videos(toy_copy, tmp_path, check):
     listing = toy_copy / "DAVIS/ImageSets/2016/val.txt"
-    listing.write_text("val00\nval01\nval00\n")
+    listing.write_text("davis_00\ndavis_01\ndavis_00\n")
     check(run.main, "--test", "--checkpoint", _tiny(tmp_path), "--data-root", toy_copy, "--device", "cpu",
-          "--output", tmp_path / "o", expect=[str(listing), "'val00' twice"])
-    listing.write_text("val00\nval01\n")
-    for frame in sorted((toy_copy / "DAVIS/JPEGImages/480p/val01").glob("*.jpg"))[2:]:
+          "--output", tmp_path / "o", expect=[str(listing), "'davis_00' twice"])
+    listing.write_text("davis_00\ndavis_01\n")
+    for frame in sorted((toy_copy / "DAVIS/JPEGImages/480p/davis_01").glob("*.jpg"))[2:]:
         for folder in ("JPEGImages", "JPEGFlows"):
-            (toy_copy / "DAVIS" / folder / "480p/val01" / frame.name).unlink()
-        (toy_copy / "DAVIS/Annotations/480p/val01" / frame.with_suffix(".png").name).unlink()
+            (toy_copy / "DAVIS" / folder / "480p/davis_01" / frame.name).unlink()
+        (toy_copy / "DAVIS/Annotations/480p/davis_01" / frame.with_suffix(".png").name).unlink()
     check(run.main, "--test", "--checkpoint", _tiny(tmp_path), "--data-root", toy_copy, "--device", "cpu",
-          "--output", tmp_path / "o", expect=["val01", "has 2 frames", "at least 3"])
+          "--output", tmp_path / "o", expect=["davis_01", "has 2 frames", "at least 3"])
     check(run.main, "--test", "--checkpoint", _tiny(tmp_path), "--data-root", toy_copy, "--device", "cpu",
           "--datasets", ",", "--output", tmp_path / "o", expect=["--datasets names no dataset"])
 
@@ -266,8 +273,8 @@ def _tiny(tmp_path):
 
 def test_a_second_video_does_not_reuse_the_first_ones_outputs(toy_root, tmp_path, check):
     a, b = tmp_path / "A" / "clip", tmp_path / "B" / "clip"
-    shutil.copytree(toy_root / "LVID/JPEGImages/lvid00", a)
-    shutil.copytree(toy_root / "LVID/JPEGImages/lvid01", b)
+    shutil.copytree(toy_root / "LVID/JPEGImages/lvid_00", a)
+    shutil.copytree(toy_root / "LVID/JPEGImages/lvid_01", b)
     common = ["--checkpoint", _tiny(tmp_path), "--device", "cpu", "--workers", "0"]
     cwd = os.getcwd()
     os.chdir(tmp_path)  # the default output folder, demo_out/clip, is the same for both
@@ -297,7 +304,7 @@ def test_demo_frames_that_cannot_be_segmented(tmp_path, check):
 
 def test_flow_commands_refuse_what_would_do_nothing_or_harm(toy_root, tmp_path, check):
     frames = tmp_path / "frames"
-    shutil.copytree(toy_root / "LVID/JPEGImages/lvid00", frames)
+    shutil.copytree(toy_root / "LVID/JPEGImages/lvid_00", frames)
     check(flow_main, "--frames", frames, "--out", frames, "--method", "dis",
           expect=["written over the frames", str(frames)])
     check(flow_main, "--frames", frames, "--out", tmp_path / "f", "--batch-size", "0", expect=["--batch-size"])
@@ -327,45 +334,16 @@ def test_ctrl_c_in_test_keeps_the_finished_datasets(tmp_path):
     # A short DAVIS, then enough of YouTube-Objects (11 videos) that Ctrl-C, pressed once DAVIS's results are
     # written, lands seconds before the run could finish, however fast this machine is.
     root = generate(tmp_path / "toy", size=(64, 96), videos=1, frames=4, datasets=("davis",))
-    generate(root, size=(64, 96), frames=24, datasets=("ytobj",))
+    long = generate(tmp_path / "long", size=(64, 96), frames=24, datasets=("ytobj",))
     out = tmp_path / "o"
     code, _, stderr = ctrl_c_once(["run.py", "--test", "--checkpoint", _tiny(tmp_path), "--data-root", root,
-                                   "--datasets", "davis,ytobj", "--output", out, "--device", "cpu", "--workers", "1",
-                                   "--batch-size", "1"], ready=out / "results.json")
+                                   "--ytobj-root", long / "YTOBJ", "--datasets", "davis,ytobj", "--output", out,
+                                   "--device", "cpu", "--workers", "1", "--batch-size", "1"],
+                                  ready=out / "results.json")
     results = json.loads((out / "results.json").read_text())
-    # A run that finished ignored the Ctrl-C (as when it landed while loader processes were being forked).
     assert code == 130 and "Traceback" not in stderr, stderr[-2000:]
     assert [line for line in stderr.splitlines() if line.strip()][-1].startswith("error: interrupted")
     assert list(results) == ["davis"] and results["davis"]["metrics"]["J&F-Mean"] >= 0
-
-
-_CTRL_C_MID_FORK = """
-import contextlib, os, signal, sys
-from utils.errors import deferring_ctrl_c
-os.register_at_fork(after_in_parent=lambda: signal.raise_signal(signal.SIGINT))  # Ctrl-C lands mid-fork
-try:
-    with deferring_ctrl_c() if sys.argv[1] == "deferred" else contextlib.nullcontext():
-        pid = os.fork()
-        if pid == 0:
-            os._exit(0)
-        os.waitpid(pid, 0)
-    print("carried on")
-except KeyboardInterrupt:
-    print("interrupted")
-"""
-
-
-def test_ctrl_c_that_lands_while_processes_start_is_not_lost():
-    """Python drops a KeyboardInterrupt raised in an at-fork callback, so Ctrl-C pressed while loader or
-    helper processes start was ignored (the run went on to the end); deferred, it interrupts after the fork."""
-    def run(mode):
-        with hearing_ctrl_c():
-            proc = subprocess.run([sys.executable, "-c", _CTRL_C_MID_FORK, mode], cwd=ROOT, capture_output=True,
-                                  text=True, timeout=60)
-        return proc.stdout.strip()
-
-    assert run("plain") == "carried on"  # the failure this guards against, on this Python
-    assert run("deferred") == "interrupted"
 
 
 def test_atomic_writes_name_the_users_path_and_follow_the_umask(tmp_path):

@@ -2,12 +2,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model import DepthFlow
+from model import MIT_SPECS, DepthFlow
 from model import convert as convert_cmd
 from model.checkpoints import (
     load_depthflow,
-    load_pretrained_mit,
+    load_pretrained,
+    model_to_released,
     read_project_checkpoint,
+    released_to_model,
     save_project_checkpoint,
 )
 from model.mit_keys import convert
@@ -106,7 +108,7 @@ def test_pretrained_formats_initialise_both_encoders(tmp_path, fmt):
         path = tmp_path / ("model.safetensors" if fmt == "hf-safetensors" else "pytorch_model.bin")
         save_file(sd, str(path)) if fmt == "hf-safetensors" else torch.save(sd, path)
     model = DepthFlow("mitb0", size=64)
-    load_pretrained_mit(model, path)
+    load_pretrained(model, path)
     for encoder in (model.appearance_encoder, model.motion_encoder):
         loaded = encoder.mit.state_dict()
         assert all(torch.equal(loaded[k], source[k]) for k in source)
@@ -116,7 +118,7 @@ def test_pretrained_backbone_mismatch(tmp_path):
     path = tmp_path / "pytorch_model.bin"
     torch.save({f"segformer.{k}": v for k, v in _hf_encoder_state("mitb1").items()}, path)
     with pytest.raises(Exception, match="holds a mitb1 model, not the mitb0 asked for"):
-        load_pretrained_mit(DepthFlow("mitb0", size=64), path)
+        load_pretrained(DepthFlow("mitb0", size=64), path)
 
 
 def test_bad_checkpoint_error_at_the_command_line(released, tmp_path):
@@ -163,3 +165,69 @@ def test_bad_checkpoints_give_one_line_errors(released, tmp_path, capsys):
     rc, _, err = run_main(convert_cmd.main, mixed, out, capsys=capsys)
     assert_one_line_error(rc, err, str(mixed), "does not fit the DepthFlow network", "size mismatch")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("backbone", list(MIT_SPECS))
+def test_every_mit_size_round_trips_through_the_released_layout(backbone):
+    """Each entry of the MiT table builds, has HF SegformerModel's parameters exactly, and keeps every weight
+    through the released layout and back (the file round trip is tested on mitb0 above)."""
+    from tools.reference_net import RefEncoder
+
+    with torch.device("meta"):  # shapes only
+        reference = RefEncoder(backbone)
+    model = DepthFlow(backbone, size=512)
+    assert sum(p.numel() for p in model.appearance_encoder.parameters()) == \
+        sum(p.numel() for p in reference.parameters())
+    state_dict, found = released_to_model(model_to_released(model))
+    assert found == backbone
+    original = model.state_dict()
+    assert state_dict.keys() == original.keys() and all(torch.equal(state_dict[k], original[k]) for k in original)
+
+
+def test_a_timm_backbone_builds_trains_and_round_trips(tmp_path):
+    model = DepthFlow("timm:convnext_atto", size=64)
+    logits = model(torch.rand(2, 3, 40, 56), torch.rand(2, 3, 40, 56))
+    assert logits.shape == (2, 2, 40, 56)
+    logits.sum().backward()
+    assert model.appearance_encoder.features.stem_0.weight.grad is not None
+    save_project_checkpoint(tmp_path / "m.pth", model)
+    loaded = load_depthflow(tmp_path / "m.pth")
+    assert loaded.backbone == "timm:convnext_atto"
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(ValueError, match="cannot keep the backbone timm:convnext_atto"):
+        model_to_released(model)
+
+
+def test_conversions_refuse_what_the_released_layout_cannot_hold(tmp_path, capsys):
+    small = tmp_path / "small.pth"
+    save_project_checkpoint(small, DepthFlow("mitb0", size=64))
+    rc, _, err = run_main(convert_cmd.main, small, tmp_path / "out.pth", "--to", "released", capsys=capsys)
+    assert_one_line_error(rc, err, str(small), "cannot keep the internal size 64")
+    assert not (tmp_path / "out.pth").exists()
+    rc, _, err = run_main(convert_cmd.main, small, small, capsys=capsys)
+    assert_one_line_error(rc, err, "is the input")
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path, capsys):
+    model = DepthFlow("mitb0", size=64)
+    with torch.no_grad():
+        model.decoder.blend2.conv.weight[0, 0, 0, 0] = float("nan")
+    path = tmp_path / "nan.pth"
+    save_project_checkpoint(path, model)
+    rc, _, err = run_main(convert_cmd.main, path, tmp_path / "out.pth", capsys=capsys)
+    assert_one_line_error(rc, err, str(path), "NaN or infinite weights", "decoder.blend2.conv.weight")
+
+
+def test_a_save_that_fails_is_one_line_and_keeps_the_old_file(tmp_path, capsys, monkeypatch):
+    """torch.save reports a full disk or an unwritable file as a RuntimeError."""
+    out = tmp_path / "out.pth"
+    save_project_checkpoint(tmp_path / "m.pth", DepthFlow("mitb0", size=64))
+    out.write_bytes(b"old")
+
+    def disk_full(obj, f, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    rc, _, err = run_main(convert_cmd.main, tmp_path / "m.pth", out, capsys=capsys)
+    assert_one_line_error(rc, err, f"cannot use {out}", "PytorchStreamWriter failed writing file")
+    assert out.read_bytes() == b"old"

@@ -5,70 +5,53 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset import DATASETS, Source, TrainingFrames, VideoBatches, VideoFrames, scan, video_batches
+from dataset import DATASETS, Source, TrainingFrames, VideoFrames, scan
 from transforms import TrainTransform, resize_mask
 from utils.errors import UserError
-from utils.palette import DAVIS_PALETTE, binarise, read_mask, save_palette_mask
-from utils.shared_batches import SharedBatches
+from utils.palette import DAVIS_PALETTE, read_mask, read_mask_levels, save_palette_mask
 
 
 def test_every_layout_scans(toy_root):
     davis = scan(DATASETS["davis"], toy_root / "DAVIS")
-    assert [v.name for v in davis] == ["val00", "val01"]
+    assert [v.name for v in davis] == ["davis_00", "davis_01"]
     assert all(len(v.frames) == 8 and len(v.annotated) == 8 for v in davis)
-    assert [v.name for v in scan(DATASETS["davis_train"], toy_root / "DAVIS")] == ["train00", "train01"]
+    assert [v.name for v in scan(DATASETS["davis_train"], toy_root / "DAVIS")] == ["davis_train_00", "davis_train_01"]
     fbms = scan(DATASETS["fbms"], toy_root / "FBMS")
-    assert [f.stem for f in fbms[0].annotated] == ["00000", "00004", "00007"]
+    assert [f.stem for f in fbms[0].annotated] == ["00000", "00003", "00006", "00007"]
     ytobj = scan(DATASETS["ytobj"], toy_root / "YTOBJ")
     assert len(ytobj) == 11
-    assert ("aeroplane", "0002_b") in {(v.group, v.name) for v in ytobj}
-    assert "aeroplane/0002_b" in {v.key for v in ytobj}
+    assert ("aeroplane", "ytobj_01") in {(v.group, v.name) for v in ytobj}
+    assert "aeroplane/ytobj_01" in {v.key for v in ytobj}
     assert len(scan(DATASETS["lvid"], toy_root / "LVID")) == 2
-    ytvos = scan(DATASETS["ytvos"], toy_root / "YTVOS18")
-    assert [f.stem for f in ytvos[0].frames][:3] == ["00000", "00005", "00010"]
+    assert len(scan(DATASETS["ytvos"], toy_root / "YTVOS18")) == 2
     duts = scan(DATASETS["duts"], toy_root / "DUTSv2")
     assert len(duts) == 16 and all(len(v.frames) == 1 for v in duts)
 
 
-def test_frames_pair_by_stem(toy_root):
-    for video in scan(DATASETS["ytobj"], toy_root / "YTOBJ"):
+def test_frames_pair_by_stem_in_natural_order(toy_copy):
+    for video in scan(DATASETS["ytobj"], toy_copy / "YTOBJ"):
         for frame in video.frames:
             assert frame.image.stem == frame.flow.stem == frame.stem
             assert frame.mask is None or frame.mask.stem == frame.stem
+    folder = toy_copy / "LVID"
+    for sub in ("JPEGImages", "JPEGFlows", "Annotations"):
+        for path in sorted((folder / sub / "lvid_00").iterdir()):
+            path.rename(path.with_name(f"{int(path.stem)}{path.suffix}"))  # 0.jpg ... 7.jpg, then 10.jpg below
+        last = sorted((folder / sub / "lvid_00").iterdir())[-1]
+        last.rename(last.with_name(f"10{last.suffix}"))
+    video = scan(DATASETS["lvid"], folder)[0]
+    assert [f.stem for f in video.frames] == ["0", "1", "2", "3", "4", "5", "6", "10"]
 
 
 def test_video_frames_are_read_as_decoded(toy_root):
     videos = scan(DATASETS["fbms"], toy_root / "FBMS")
     frames = VideoFrames(videos)
-    assert len(frames) == 16
-    assert frames.index[12] == (1, 4)
+    assert len(frames) == 16 and frames.sizes == [(64, 96), (64, 96)]
+    item = frames[1, 4]
+    assert item.shape == (2, 64, 96, 3) and item.dtype == torch.uint8
     frame = videos[1].frames[4]
-    for decoded, path in zip(frames.read(12), (frame.image, frame.flow)):
-        assert decoded.shape == (64, 96, 3) and decoded.dtype == np.uint8
-        assert np.array_equal(decoded, np.array(Image.open(path).convert("RGB")))
-
-
-def test_batches_never_cross_videos(toy_root):
-    videos = scan(DATASETS["fbms"], toy_root / "FBMS")
-    batches = video_batches(videos, 3)
-    assert batches == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9, 10], [11, 12, 13], [14, 15]]
-
-
-@pytest.mark.parametrize("per_worker", [1, 5])
-def test_loader_processes_stream_batches_through_reused_shared_memory(toy_root, per_worker):
-    """One buffer per worker forces each batch into the buffer of one before it, and the worker to wait for the
-    main process to hand it back: what was received must stay as it was read."""
-    videos = scan(DATASETS["davis"], toy_root / "DAVIS")
-    frames = VideoFrames(videos, workers=2)
-    shared = SharedBatches(2, per_worker)
-    batched = VideoBatches(frames, 3, shared)
-    assert batched.plan == video_batches(videos, 3)
-    loader = torch.utils.data.DataLoader(batched, batch_size=None, num_workers=2)
-    received = [shared.receive(slot, pixels) for slot, pixels in loader]
-    assert [len(b) for b in received] == [3, 3, 2, 3, 3, 2]
-    assert [frames.index[i] for i in batched.plan[3]] == [(1, 0), (1, 1), (1, 2)]
-    for batch, indices in zip(received, batched.plan):
-        assert torch.equal(batch, torch.from_numpy(np.stack([np.stack(frames.read(i)) for i in indices])))
+    for decoded, path in zip(item, (frame.image, frame.flow)):
+        assert np.array_equal(decoded.numpy(), np.array(Image.open(path).convert("RGB")))
 
 
 def test_a_video_whose_frames_change_size_is_refused(toy_copy):
@@ -77,16 +60,54 @@ def test_a_video_whose_frames_change_size_is_refused(toy_copy):
     for path in (frame.image, frame.flow):
         Image.open(path).resize((48, 32)).save(path)
     with pytest.raises(UserError, match=f"{frame.image} is 48x32, frame .*00000.jpg of the same video is 96x64"):
-        VideoBatches(VideoFrames(videos), 4, SharedBatches(0, 0))[0]
+        VideoFrames(videos)[0, 1]
 
 
-def test_binarisation_rules(tmp_path):
-    labels = np.array([[0, 1, 2], [100, 128, 255]], np.uint8)
-    assert binarise(labels, "nonzero").tolist() == [[0, 1, 1], [1, 1, 1]]
-    assert binarise(labels, "grey").tolist() == [[0, 0, 0], [0, 1, 1]]
-    save_palette_mask(np.array([[0, 2], [3, 0]], np.uint8), tmp_path / "m.png")
-    assert read_mask(tmp_path / "m.png", "nonzero").tolist() == [[0, 1], [1, 0]]
-    assert Image.open(tmp_path / "m.png").mode == "P"
+def _save(array: np.ndarray, mode: str, path):
+    """`array` as a PNG of `mode` (16-bit arrays become I;16 PNGs)."""
+    image = Image.fromarray(array)
+    image = image.convert(mode) if mode in ("1", "LA", "RGBA") else image
+    if mode == "P":
+        image = Image.fromarray(array, mode="P")
+    image.save(path)
+    assert Image.open(path).mode == mode
+    return path
+
+
+@pytest.mark.parametrize(("encoding", "values"), [
+    ("1", [0, 255]), ("L", [0, 1]), ("L", [0, 255]), ("P", [0, 1]), ("P", [0, 3]), ("I;16", [0, 65535]),
+    ("I;16", [0, 1]), ("RGB", [0, 255]), ("LA", [0, 255]), ("RGBA", [0, 255])])
+def test_a_binary_mask_reads_as_its_object_in_every_encoding(tmp_path, encoding, values):
+    """1-bit, 0/1 and 0/255 grey, palette indices, 16-bit and colour PNGs: the object is the object under both
+    rules (grey: DUTS, FBMS, YouTube-Objects; nonzero: DAVIS, YouTube-VOS, Long-Videos)."""
+    truth = np.zeros((6, 9), np.uint8)
+    truth[1:4, 2:7] = 1
+    array = np.where(truth == 1, values[1], values[0]).astype(np.uint16 if encoding == "I;16" else np.uint8)
+    if encoding == "RGB" or encoding == "RGBA":
+        array = np.repeat(array[..., None], 3, axis=2)
+    path = _save(array, encoding, tmp_path / "m.png")
+    for rule in ("grey", "nonzero"):
+        assert np.array_equal(read_mask(path, rule), truth), (encoding, values, rule)
+
+
+def test_grey_levels_keep_their_rule_and_odd_modes_are_refused(tmp_path):
+    levels = np.array([[0, 1, 100], [127, 128, 255]], np.uint8)
+    path = _save(levels, "L", tmp_path / "grey.png")
+    assert read_mask(path, "nonzero").tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert read_mask(path, "grey").tolist() == [[0, 0, 0], [0, 1, 1]]
+    assert np.allclose(read_mask_levels(path), levels / 255)
+    cmyk = tmp_path / "cmyk.png"
+    Image.new("CMYK", (4, 4)).save(cmyk, format="TIFF")  # a TIFF under a PNG name: PIL opens it by content
+    with pytest.raises(UserError, match=f"mask {cmyk} is a CMYK image"):
+        read_mask(cmyk, "grey")
+
+
+def test_training_reads_one_bit_duts_masks_as_objects(toy_copy):
+    """DUTSv2 masks saved as 1-bit PNGs train on their objects, not on empty targets."""
+    for mask in (toy_copy / "DUTSv2/Annotations").glob("*.png"):
+        Image.open(mask).convert("1").save(mask)
+    data = TrainingFrames([Source(DATASETS["duts"], scan(DATASETS["duts"], toy_copy / "DUTSv2"), 8)], size=32)
+    assert all(data[0, i]["mask"].any() for i in range(8))
 
 
 def _png_bit_depth(path) -> int:
@@ -158,33 +179,39 @@ def _error(spec, root):
 def test_validation_errors_name_the_path(toy_copy):
     root = toy_copy
     assert str(root / "nope") in _error("davis", root / "nope")
-    (root / "DAVIS/ImageSets/2016/val.txt").write_text("val00\nghost\n")
+    (root / "DAVIS/ImageSets/2016/val.txt").write_text("davis_00\nghost\n")
     assert "ghost" in _error("davis", root / "DAVIS") and "val.txt" in _error("davis", root / "DAVIS")
-    (root / "DAVIS/ImageSets/2016/val.txt").write_text("val00\nval01\n")
-    missing_flow = root / "DAVIS/JPEGFlows/480p/val01/00003.jpg"
+    (root / "DAVIS/ImageSets/2016/val.txt").write_text("davis_00\ndavis_01\n")
+    missing_flow = root / "DAVIS/JPEGFlows/480p/davis_01/00003.jpg"
     missing_flow.unlink()
     message = _error("davis", root / "DAVIS")
-    assert "no flow for frame" in message and str(root / "DAVIS/JPEGImages/480p/val01/00003.jpg") in message
-    (root / "FBMS/TestSet/Annotations/fbms00/99999.png").write_bytes(b"png")
+    assert "no flow for frame" in message and str(root / "DAVIS/JPEGImages/480p/davis_01/00003.jpg") in message
+    (root / "FBMS/TestSet/Annotations/fbms_00/99999.png").write_bytes(b"png")
     assert "has no frame" in _error("fbms", root / "FBMS")
-    (root / "FBMS/TestSet/Annotations/fbms00/99999.png").unlink()
-    (root / "FBMS/TestSet/JPEGImages/fbms01/00002.jpg").write_bytes(b"")
+    (root / "FBMS/TestSet/Annotations/fbms_00/99999.png").unlink()
+    (root / "FBMS/TestSet/JPEGImages/fbms_01/00002.jpg").write_bytes(b"")
     assert "empty file" in _error("fbms", root / "FBMS")
     for sub in ("JPEGImages", "JPEGFlows", "Annotations"):
-        (root / "LVID" / sub / "lvid01").rename(root / "LVID" / sub / "old")
-        (root / "LVID" / sub / "lvid01").mkdir()
+        (root / "LVID" / sub / "lvid_01").rename(root / "LVID" / sub / "old")
+        (root / "LVID" / sub / "lvid_01").mkdir()
     assert "no frames in" in _error("lvid", root / "LVID")
     import shutil
 
     shutil.rmtree(root / "YTOBJ/JPEGFlows")
     assert str(root / "YTOBJ/JPEGFlows") in _error("ytobj", root / "YTOBJ")
-    (root / "DUTSv2/Annotations/ILSVRC2012_test_00000003.png").unlink()
+    (root / "DUTSv2/Annotations/duts_00003.png").unlink()
     assert "no mask for frame" in _error("duts", root / "DUTSv2")
 
 
-def test_truncated_image_names_the_file(toy_copy):
+def test_truncated_and_sixteen_bit_frames_name_the_file(toy_copy):
     videos = scan(DATASETS["davis"], toy_copy / "DAVIS")
     path = videos[0].frames[2].image
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(UserError, match=str(path)):
-        VideoFrames(videos).read(2)
+        VideoFrames(videos)[0, 2]
+    flow = videos[0].frames[3].flow.with_suffix(".png")
+    videos[0].frames[3].flow.unlink()
+    Image.fromarray(np.full((64, 96), 40000, np.uint16)).save(flow)
+    videos = scan(DATASETS["davis"], toy_copy / "DAVIS")
+    with pytest.raises(UserError, match=f"{flow} is a I;16 image; expected an 8-bit RGB"):
+        VideoFrames(videos)[0, 3]

@@ -30,7 +30,7 @@ def _video_frames(path):
 
 
 def test_demo_on_a_video_file(toy_root, checkpoint, tmp_path, capsys):
-    frames = sorted((toy_root / "DAVIS/JPEGImages/480p/val01").glob("*.jpg"))
+    frames = sorted((toy_root / "DAVIS/JPEGImages/480p/davis_01").glob("*.jpg"))
     clip = tmp_path / "clip.mp4"
     writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 10, (96, 64))
     for f in frames:
@@ -52,7 +52,7 @@ def test_demo_on_a_video_file(toy_root, checkpoint, tmp_path, capsys):
 
 
 def test_demo_on_a_frame_folder(toy_root, checkpoint, tmp_path, capsys):
-    folder = toy_root / "LVID/JPEGImages/lvid00"
+    folder = toy_root / "LVID/JPEGImages/lvid_00"
     code, _, err = run_main(run.main, "--demo", folder, "--checkpoint", checkpoint, "--output", tmp_path / "d",
                             "--device", "cpu", "--workers", "0", capsys=capsys)
     assert code == 0, err
@@ -89,7 +89,7 @@ def test_demo_errors(toy_root, checkpoint, tmp_path, capsys):
     Image.new("RGB", (64, 48)).save(mixed / "00000.jpg")
     Image.new("RGB", (60, 48)).save(mixed / "00001.jpg")
     check(mixed, "frames differ in size", "00001.jpg")
-    check(toy_root / "LVID/JPEGImages/lvid00", "checkpoint not found", ckpt=tmp_path / "none.pth")
+    check(toy_root / "LVID/JPEGImages/lvid_00", "checkpoint not found", ckpt=tmp_path / "none.pth")
 
 
 def test_toy_pipeline_runs_every_step(tmp_path):
@@ -120,8 +120,8 @@ def test_unwritable_outputs_are_one_line_errors(toy_root, checkpoint, tmp_path, 
     commands = [
         (toydata_main, [bad]),
         (synth_main, ["--duts", toy_root / "DUTS-TR", "--out", bad, "--depth-dir", toy_root / "DUTS-TR/DUTS-TR-Depth"]),
-        (flow_main, ["--frames", toy_root / "LVID/JPEGImages/lvid00", "--out", bad]),
-        (run.main, ["--demo", toy_root / "LVID/JPEGImages/lvid00", "--checkpoint", checkpoint, "--output", bad,
+        (flow_main, ["--frames", toy_root / "LVID/JPEGImages/lvid_00", "--out", bad]),
+        (run.main, ["--demo", toy_root / "LVID/JPEGImages/lvid_00", "--checkpoint", checkpoint, "--output", bad,
                     "--device", "cpu"]),
         (evaluator_main, ["--dataset", "fbms", "--data-root", toy_root, "--results",
                           toy_root / "FBMS/TestSet/Annotations", "--json", bad / "m.json", "--workers", "1"]),

@@ -1,24 +1,27 @@
-"""The streaming inference engine: exactness of its fast host path, sharding over torchrun, and its errors."""
+"""The inference engine: exactness, batching, compilation, devices, sharding over torchrun, and its errors."""
 
+import functools
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import dataset
 import evaluator
+import inference
 import run
 import utils.device
-from dataset import DATASETS, VideoFrames, scan
-from inference import InferenceOptions, Segmenter, prepare_model
+from dataset import DATASETS, scan
+from inference import DeviceQueue, InferenceOptions, Segmenter, plan_batches, prepare_model
 from model import DepthFlow
 from model.checkpoints import save_project_checkpoint
-from tests.conftest import NO_SHARED_MEMORY, ROOT, assert_one_line_error, run_main
+from tests.conftest import ROOT, assert_one_line_error, children, run_main
 from utils.errors import UserError
 
 CPU = torch.device("cpu")
@@ -42,50 +45,104 @@ def checkpoint(model, tmp_path_factory):
 
 def _predict_directly(model, videos):
     """DepthFlow.predict on float frames decoded as the reference does: the masks the engine must equal."""
-    frames = VideoFrames(videos)
-    masks = []
-    for i in range(len(frames)):
-        image, flow = torch.from_numpy(np.stack(frames.read(i))).permute(0, 3, 1, 2)[:, None].float() / 255
-        masks.append(model.predict(image, flow)[0].numpy())
+    masks = {}
+    for v, video in enumerate(videos):
+        for f, frame in enumerate(video.frames):
+            image, flow = (torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)[None].float()
+                           / 255 for p in (frame.image, frame.flow))
+            masks[v, f] = model.predict(image, flow)[0].numpy()
     return masks
 
 
-@pytest.mark.parametrize("width", [1, 8, 13, 854])
-def test_masks_travel_to_helpers_packed_and_logits_as_they_are(width):
-    rng = np.random.default_rng(width)
-    masks = rng.integers(0, 2, (3, 5, width)).astype(np.uint8)
-    packed = evaluator.packed_output(masks)
-    assert packed.nbytes == 3 * 5 * -(-width // 8)
-    assert np.array_equal(evaluator.unpacked_output(packed, (5, width)), masks)
-    logits = rng.random((3, 2, 4, 4)).astype(np.float32)
-    assert evaluator.packed_output(logits) is logits and evaluator.unpacked_output(logits, (5, width)) is logits
+def test_batches_fill_across_videos_of_one_size():
+    sizes, lengths = [(48, 64), (48, 64), (32, 32), (48, 64)], [3, 4, 5, 2]
+    plan = plan_batches(sizes, lengths, 4)
+    assert plan == [[(0, 0), (0, 1), (0, 2), (1, 0)], [(1, 1), (1, 2), (1, 3), (3, 0)], [(3, 1)],
+                    [(2, 0), (2, 1), (2, 2), (2, 3)], [(2, 4)]]
+    assert sorted(k for batch in plan for k in batch) == [(v, f) for v, n in enumerate(lengths) for f in range(n)]
 
 
 @pytest.mark.parametrize("fixed_shapes", [False, True])
 def test_engine_masks_equal_depthflow_predict(model, toy_root, fixed_shapes):
-    """uint8 frames, float conversion after the transfer, logits resized in the caller, padded last batches:
-    bit for bit the masks of DepthFlow.predict on the CPU."""
+    """uint8 frames, float conversion after the transfer, batches across videos, padded last batches: bit for
+    bit the masks of DepthFlow.predict on the CPU, each frame once, with its own image and flow."""
     videos = scan(DATASETS["fbms"], toy_root / "FBMS")
     segmenter = Segmenter(model, InferenceOptions(CPU, batch_size=3, workers=2))
     segmenter.fixed_shapes = fixed_shapes  # as on a GPU: every batch padded to 3 frames
-    batches = list(segmenter.batches(videos, progress=False))
-    assert [len(b.frames) for b in batches] == [3, 3, 2, 3, 3, 2]
-    assert all(b.output.shape[0] == len(b.frames) for b in batches)
-    got = [m for b in batches for m in b.masks()]
+    got = {(videos.index(f.video), f.index): f for f in segmenter.frames(videos, progress=False)}
     want = _predict_directly(model, videos)
-    assert len(got) == 16 and all(np.array_equal(a, b) for a, b in zip(got, want))
-    assert any(m.any() and not m.all() for m in want)
+    assert got.keys() == want.keys() and all(np.array_equal(got[k].mask, want[k]) for k in want)
+    assert any(m.any() and not m.all() for m in want.values())
+    frame = got[1, 4]
+    assert np.array_equal(frame.image, np.array(Image.open(videos[1].frames[4].image).convert("RGB")))
 
 
-def test_masks_made_on_the_device_equal_masks_made_by_the_helpers(model, toy_root):
-    videos = scan(DATASETS["davis"], toy_root / "DAVIS")
-    on_host = Segmenter(model, InferenceOptions(CPU, batch_size=4))
-    on_device = Segmenter(model, InferenceOptions(CPU, batch_size=4))
-    on_device.masks_on_device = True
-    a = [b.masks() for b in on_host.batches(videos, progress=False)]
-    b = [b.output for b in on_device.batches(videos, progress=False)]
-    assert all(x.ndim == 3 and x.dtype == np.uint8 for x in b)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+def test_padding_only_ends_a_run_of_one_frame_size(model, toy_copy):
+    """Videos of three frame sizes through fixed shapes: the network sees one batch shape, and pads only the
+    last batch of each size."""
+    videos = _three_sizes(toy_copy)
+    seen = []
+    segmenter = Segmenter(model, InferenceOptions(CPU, batch_size=3))
+    segmenter.fixed_shapes = True
+    network = segmenter.network
+    segmenter.network = lambda image, flow: seen.append(len(image)) or network(image, flow)
+    frames = list(segmenter.frames(videos, progress=False))
+    assert len(frames) == 24 and set(seen) == {3}
+    assert len(seen) == 1 + 3 * 3  # one warm-up (the network's shape never changes), then per size 8 frames in 3
+
+
+def _three_sizes(root):
+    """Toy Long-Videos copies whose second and third videos have other frame sizes."""
+    spec = DATASETS["lvid"]
+    base = scan(spec, root / "LVID")[0]
+    for name, size in (("small", (48, 32)), ("wide", (128, 48))):
+        for sub in (spec.images, spec.flows, spec.masks):
+            (root / "LVID" / sub / name).mkdir()
+        for frame in base.frames:
+            for sub, path in ((spec.images, frame.image), (spec.flows, frame.flow), (spec.masks, frame.mask)):
+                if path is not None:
+                    Image.open(path).resize(size).save(root / "LVID" / sub / name / path.name)
+    return scan(spec, root / "LVID")[:3]
+
+
+def test_compile_compiles_the_network_once_for_every_frame_size(model, toy_copy, monkeypatch):
+    """The resizes stay outside the compiled part, so three frame sizes make one graph, and compiling is not
+    timed. (Dynamo's own backend keeps the test fast; the default compiles the same graphs into kernels.)"""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(inference, "check_compiler", lambda device: None)
+    torch._dynamo.reset()
+    counters.clear()
+    segmenter = Segmenter(model, InferenceOptions(CPU, batch_size=4, compile=True))
+    masks = {(f.video.key, f.index): f.mask for f in segmenter.frames(_three_sizes(toy_copy), progress=False)}
+    assert len(masks) == 24
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_the_engine_waits_on_the_stream_of_its_own_device(monkeypatch):
+    """cuda:1 outside torchrun: the device is made current (so the loader's pinning thread uses it too) and
+    the events that tell when a batch is back are recorded on cuda:1's stream, not GPU 0's."""
+    current, streams = [], []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self, stream):
+            streams.append(stream)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: f"stream of {device}")
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    device = utils.device.resolve_device("cuda:1")
+    assert device == torch.device("cuda", 1) and current == [device]
+    DeviceQueue(device).mark(timing=True)
+    assert streams == ["stream of cuda:1"]
+    with pytest.raises(UserError, match="--device cuda:2: this machine has 2 GPU"):
+        utils.device.resolve_device("cuda:2")
 
 
 def _run_test_command(toy_root, output, nproc=None, port=29531):
@@ -126,7 +183,7 @@ def test_channels_last_and_compile_errors(monkeypatch):
         prepare_model(DepthFlow("mitb0", size=64), InferenceOptions(CPU, compile=True))
 
 
-def test_out_of_memory_names_the_flag(model, toy_root, monkeypatch):
+def test_out_of_memory_names_the_flag(model, toy_root):
     videos = scan(DATASETS["davis"], toy_root / "DAVIS")
     segmenter = Segmenter(model, InferenceOptions(CPU, batch_size=4))
 
@@ -134,49 +191,54 @@ def test_out_of_memory_names_the_flag(model, toy_root, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     segmenter.network = too_big
-    with pytest.raises(UserError, match="out of GPU memory segmenting val00 \\(96x64 frames\\) with --batch-size 4; "
-                                        "lower --batch-size"):
-        next(segmenter.batches(videos, progress=False))
+    with pytest.raises(UserError, match="out of GPU memory segmenting davis_00 \\(frames 00000 to 00003\\) "
+                                        "\\(96x64 frames\\) with --batch-size 4; lower --batch-size"):
+        next(segmenter.frames(videos, progress=False))
 
 
-def test_a_loader_process_that_dies_is_named_by_its_frame(toy_root, checkpoint, tmp_path, capsys, monkeypatch):
-    """A loader process killed while decoding one frame (as the kernel's OOM killer would) is named by it."""
-    victim = toy_root / "DAVIS/JPEGImages/480p/val01/00005.jpg"
-    decode = dataset.read_rgb
+def test_a_loader_process_that_dies_is_one_line(checkpoint, tmp_path):
+    """A loader process killed (as the kernel's out-of-memory killer would) while the run goes on."""
+    from tools.toydata import generate
 
-    def dies_on_the_victim(path):
-        if path == victim:
-            os._exit(1)
-        return decode(path)
-
-    monkeypatch.setattr(dataset, "read_rgb", dies_on_the_victim)
-    code, _, err = run_main(run.main, "--test", "--checkpoint", checkpoint, "--data-root", toy_root, "--datasets",
-                            "davis", "--output", tmp_path / "o", "--device", "cpu", "--workers", "2",
-                            "--batch-size", "1", capsys=capsys)
-    assert_one_line_error(code, err, "a data-loading process died while decoding", str(victim))
-
-
-def _no_shared_memory(*args, **kwargs):
-    raise RuntimeError(NO_SHARED_MEMORY)
+    data = generate(tmp_path / "data", size=(64, 96), videos=2, frames=30, datasets=("davis",))
+    proc = subprocess.Popen([sys.executable, "run.py", "--test", "--checkpoint", checkpoint, "--data-root", data,
+                             "--datasets", "davis", "--output", tmp_path / "o", "--device", "cpu", "--workers", "1",
+                             "--batch-size", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Loader processes are the children of the fork server, itself a child of the program.
+    loader = _wait_for(lambda: [p for server in children(proc.pid) for p in children(server)], proc)
+    os.kill(loader[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert_one_line_error(proc.returncode, err, "data loading failed at davis_", "DataLoader worker", "exited",
+                          "lower --workers")
 
 
-def test_shared_memory_running_out_is_one_line(toy_root, checkpoint, tmp_path, capsys, monkeypatch):
-    """As in a Docker container with the default 64 MB of /dev/shm: the loader processes cannot make buffers."""
-    monkeypatch.setattr(torch.Tensor, "share_memory_", _no_shared_memory)  # the loader processes inherit it
+def _wait_for(condition, proc, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if found := condition():
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"not seen in {timeout} s (exit code {proc.poll()})")
+
+
+def test_loader_processes_that_cannot_start_are_one_line(toy_root, checkpoint, tmp_path, capsys, monkeypatch):
+    """As in a Docker container whose /dev/shm is full: the loader cannot make its queues."""
+    def no_room(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", no_room)
     code, _, err = run_main(run.main, "--test", "--checkpoint", checkpoint, "--data-root", toy_root, "--datasets",
                             "davis", "--output", tmp_path / "o", "--device", "cpu", "--workers", "2", capsys=capsys)
-    assert_one_line_error(code, err, "ran out of shared memory (/dev/shm", "--workers", "--shm-size")
+    assert_one_line_error(code, err, "cannot start the data-loading processes", "No space left", "--shm-size")
 
 
-def _dies(*job):
-    os._exit(1)
-
-
-def test_a_helper_process_that_dies_is_one_line(toy_root, checkpoint, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(evaluator, "finish_batch", _dies)
-    code, _, err = run_main(run.main, "--test", "--checkpoint", checkpoint, "--data-root", toy_root, "--datasets",
+def test_an_error_in_a_helper_thread_is_one_line(toy_copy, checkpoint, tmp_path, capsys):
+    """A ground-truth mask of the wrong size, found while scoring on a helper thread."""
+    mask = toy_copy / "DAVIS/Annotations/480p/davis_01/00005.png"
+    Image.open(mask).resize((48, 32)).save(mask)
+    code, _, err = run_main(run.main, "--test", "--checkpoint", checkpoint, "--data-root", toy_copy, "--datasets",
                             "davis", "--output", tmp_path / "o", "--device", "cpu", "--workers", "1", capsys=capsys)
-    assert_one_line_error(code, err, "a helper process died while writing or scoring the masks of")
+    assert_one_line_error(code, err, f"mask {mask} is 48x32", "expected equal sizes")
 
 
 def test_results_json_is_checked_before_the_work(toy_root, checkpoint, tmp_path, capsys):
@@ -194,7 +256,8 @@ def test_saved_masks_decode_to_what_was_scored(model, toy_root, tmp_path):
     segmenter = Segmenter(model, InferenceOptions(CPU, batch_size=8, workers=2))
     result = evaluator.evaluate_dataset(segmenter, DATASETS["davis"], videos, out_dir=tmp_path, progress=False)
     want = _predict_directly(model, videos)
-    got = [np.asarray(Image.open(tmp_path / v.key / f"{f.stem}.png")) for v in videos for f in v.frames]
-    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    for v, video in enumerate(videos):
+        for f, frame in enumerate(video.frames):
+            assert np.array_equal(np.asarray(Image.open(tmp_path / video.key / f"{frame.stem}.png")), want[v, f])
     rescored = evaluator.score_saved(DATASETS["davis"], videos, tmp_path, workers=1)
     assert rescored["metrics"] == result["metrics"]

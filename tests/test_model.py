@@ -4,11 +4,13 @@ import torch
 from model import DepthFlow, MiTEncoder
 from model.decoder import CBAM
 
+# The paper's sizes, as SegFormer publishes them (every size is also checked against HF's SegformerModel in
+# tests/test_checkpoints.py).
 ENCODER_PARAMS = {"mitb0": 3_319_392, "mitb1": 13_151_424, "mitb2": 24_196_288}
 STAGE_CHANNELS = {"mitb0": (32, 64, 160, 256), "mitb1": (64, 128, 320, 512), "mitb2": (64, 128, 320, 512)}
 
 
-@pytest.mark.parametrize("backbone", ["mitb0", "mitb1", "mitb2"])
+@pytest.mark.parametrize("backbone", list(ENCODER_PARAMS))
 def test_encoder_parameter_counts_and_stage_shapes(backbone):
     encoder = MiTEncoder(backbone)
     assert sum(p.numel() for p in encoder.parameters()) == ENCODER_PARAMS[backbone]
@@ -27,7 +29,9 @@ def test_logits_and_masks_at_input_size(backbone):
     masks = model.predict(image, flow)
     assert masks.shape == (2, 45, 71) and masks.dtype == torch.uint8
     assert torch.equal(masks, logits.argmax(1).to(torch.uint8))
-    assert model.forward_internal(image, flow).shape == (2, 2, 64, 64)
+    square = model.forward_square(model.to_square(image), model.to_square(flow))
+    assert square.shape == (2, 2, 64, 64)
+    torch.testing.assert_close(torch.nn.functional.interpolate(square, size=(45, 71), mode="bicubic"), logits)
 
 
 def test_batched_frames_match_one_at_a_time():

@@ -11,16 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import SegformerConfig, SegformerModel
 
-HF_CONFIGS = {
-    "mitb0": dict(hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2]),
-    "mitb1": dict(hidden_sizes=[64, 128, 320, 512], depths=[2, 2, 2, 2]),
-    "mitb2": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 4, 6, 3]),
-}
+from model.mit import MIT_SPECS
 
 
 def hf_config(backbone):
-    return SegformerConfig(num_attention_heads=[1, 2, 5, 8], sr_ratios=[8, 4, 2, 1], mlp_ratios=[4, 4, 4, 4],
-                           decoder_hidden_size=256, **HF_CONFIGS[backbone])
+    """HF's SegformerConfig for an MiT size of model/mit.py's table."""
+    spec = MIT_SPECS[backbone]
+    return SegformerConfig(num_attention_heads=list(spec.num_heads), sr_ratios=list(spec.sr_ratios),
+                           mlp_ratios=list(spec.mlp_ratios), hidden_sizes=list(spec.embed_dims),
+                           depths=list(spec.depths), decoder_hidden_size=256)
 
 
 class RefEncoder(nn.Module):
@@ -85,7 +84,7 @@ class RefVOS(nn.Module):
         super().__init__()
         self.app_encoder = RefEncoder(backbone)
         self.mo_encoder = RefEncoder(backbone)
-        self.decoder = RefDecoder(HF_CONFIGS[backbone]["hidden_sizes"])
+        self.decoder = RefDecoder(list(MIT_SPECS[backbone].embed_dims))
 
     def forward(self, img, flow):
         return self.decoder([a + m for a, m in zip(self.app_encoder(img), self.mo_encoder(flow))])

@@ -1,16 +1,22 @@
-"""Small synthetic versions of every dataset, in exactly the real layouts (README, 'Data').
+"""Small synthetic versions of every dataset of dataset.DATASETS, in exactly their layouts (README, 'Data').
 
     python -m tools.toydata ROOT [--seed S --size HxW --videos N --frames F --datasets davis,fbms,...]
 
-Each video is a textured background seen by a moving camera, with a textured object that moves on its
-own. The flow image is rendered from the true motion with the colour wheel; masks are palette or grey
-images as each real dataset stores them, and FBMS and YouTube-Objects leave some frames un-annotated.
-DUTS-TR comes in its original layout with a depth map (16-bit PNG disparity, nearer = larger) per image,
-the input of flow_synthesis; DUTSv2 is the pre-processed layout with flows from the true motion.
-Deterministic for a seed; a default tree takes seconds.
+The layouts come from the DatasetSpecs themselves, so a new entry of DATASETS gets toy data with no edit
+here. Each video is a textured background seen by a moving camera, with a textured object that moves on
+its own. The flow image is rendered from the true motion with the colour wheel; masks are palette
+images for "nonzero" datasets and grey 0/255 images for "grey" ones, and datasets that are not fully
+annotated leave frames un-annotated. DUTS-TR also comes in its original layout with a depth map (16-bit
+PNG disparity, nearer = larger) per image, the input of flow_synthesis. Deterministic for a seed; a
+default tree takes seconds.
+
+ROOT must be empty or new, or hold toy data this program wrote (with --overwrite): it never writes into
+a folder holding real data.
 """
 
 import argparse
+import hashlib
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,13 +24,14 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from dataset import YTOBJ_CLASSES
+from dataset import DATASETS, DatasetSpec
 from utils.errors import ArgumentParser, UserError, cli_entry
 from utils.flow_viz import flow_to_rgb
 from utils.io import save_image_atomic, write_text_atomic
 from utils.palette import save_palette_mask
 
-ALL = ("davis", "ytvos", "fbms", "ytobj", "lvid", "duts")
+DUTS_TR = "duts_tr"  # DUTS-TR in its original layout, with depth maps: the input of python -m flow_synthesis
+MARKER = ".toydata"  # written into ROOT: the folder holds toy data only
 
 
 def texture(rng: np.random.Generator, h: int, w: int, saturation: float) -> np.ndarray:
@@ -107,69 +114,89 @@ def _save_jpg(array, path):
     save_image_atomic(Image.fromarray(array), path, quality=95)
 
 
-def write_video(video: ToyVideo, root: Path, images: str, flows: str, masks: str, rel: str, *, mask_style: str,
-                stems: list[str], annotate_every: int = 1) -> None:
+def write_video(video: ToyVideo, root: Path, spec: DatasetSpec, rel: str, stems: list[str]) -> None:
+    every = 1 if spec.all_annotated else 3
     for t, stem in enumerate(stems):
-        _save_jpg(video.frames[t], root / images / rel / f"{stem}.jpg")
-        _save_jpg(flow_to_rgb(video.flows[t]), root / flows / rel / f"{stem}.jpg")
-        if t % annotate_every == 0 or t == len(stems) - 1:
-            path = root / masks / rel / f"{stem}.png"
-            if mask_style == "palette":
-                save_palette_mask(video.masks[t], path)
-            else:
-                save_image_atomic(Image.fromarray(video.masks[t] * 255), path)
+        _save_jpg(video.frames[t], root / spec.images / rel / f"{stem}.jpg")
+        _save_jpg(flow_to_rgb(video.flows[t]), root / spec.flows / rel / f"{stem}.jpg")
+        if t % every == 0 or t == len(stems) - 1:
+            _save_mask(video.masks[t], root / spec.masks / rel / f"{stem}.png", spec)
+
+
+def _save_mask(mask: np.ndarray, path: Path, spec: DatasetSpec) -> None:
+    if spec.mask_rule == "nonzero":
+        save_palette_mask(mask, path)
+    else:
+        save_image_atomic(Image.fromarray(mask * 255), path)
+
+
+def write_dataset(spec: DatasetSpec, root: Path, rng, h: int, w: int, videos: int, frames: int) -> None:
+    """Toy data for one DatasetSpec under root / spec.folder."""
+    base = root / spec.folder
+    if spec.flat:
+        for i in range(8 * videos):
+            image, mask, _, flow = render_still(rng(spec.name, i), h, w)
+            stem = f"{spec.name}_{i:05d}"
+            _save_jpg(image, base / spec.images / f"{stem}.jpg")
+            _save_jpg(flow_to_rgb(flow), base / spec.flows / f"{stem}.jpg")
+            _save_mask(mask, base / spec.masks / f"{stem}.png", spec)
+        return
+    names = [f"{spec.name}_{i:02d}" for i in range(videos)]
+    if spec.grouped:
+        groups = spec.groups or ("group_a", "group_b")
+        names = [f"{g}/{n}" for k, g in enumerate(groups) for n in (names if k == 0 else names[:1])]
+    if spec.video_list:
+        write_text_atomic("\n".join(names) + "\n", base / spec.video_list)
+    stems = [f"{t:05d}" for t in range(frames)]
+    for i, name in enumerate(names):
+        write_video(render_video(rng(spec.name, i), h, w, frames), base, spec, name, stems)
+
+
+def write_duts_tr(root: Path, rng, h: int, w: int, videos: int) -> None:
+    """DUTS-TR's own layout (images, grey masks) with a disparity map per image in DUTS-TR-Depth."""
+    for i in range(8 * videos):
+        image, mask, disparity, _ = render_still(rng(DUTS_TR, i), h, w)
+        stem = f"duts_tr_{i:05d}"
+        _save_jpg(image, root / "DUTS-TR/DUTS-TR-Image" / f"{stem}.jpg")
+        save_image_atomic(Image.fromarray(mask * 255), root / "DUTS-TR/DUTS-TR-Mask" / f"{stem}.png")
+        depth16 = np.round(disparity * 65535).astype(np.uint16)
+        save_image_atomic(Image.fromarray(depth16), root / "DUTS-TR/DUTS-TR-Depth" / f"{stem}.png")
+
+
+def claim_root(root: Path, overwrite: bool) -> None:
+    """ROOT must be new or empty, or hold toy data (its marker) that --overwrite replaces."""
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{root} is a file; expected a folder for the toy datasets")
+    if root.is_dir() and any(root.iterdir()):
+        if not (root / MARKER).is_file():
+            raise UserError(f"{root} already holds files that toydata did not write (real datasets?); it writes "
+                            "only into a new or empty folder")
+        if not overwrite:
+            raise UserError(f"{root} holds toy data already; pass --overwrite to write it afresh, or another folder")
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text("toy datasets written by python -m tools.toydata\n")
+
+
+def all_choices() -> tuple[str, ...]:
+    return (*DATASETS, DUTS_TR)
 
 
 def generate(root, seed: int = 0, size: tuple[int, int] = (96, 128), videos: int = 3, frames: int = 12,
-             datasets=ALL) -> Path:
+             datasets=None, overwrite: bool = False) -> Path:
+    """Toy data for `datasets` (default: every entry of DATASETS, and DUTS-TR with depth) under root."""
     root = Path(root)
+    claim_root(root, overwrite)
     h, w = size
 
-    def rng(*key):
-        return np.random.default_rng([seed, *key])
+    def rng(name: str, index: int):
+        return np.random.default_rng([seed, int.from_bytes(hashlib.sha256(name.encode()).digest()[:4]), index])
 
-    def clip(key, n=frames):
-        return render_video(rng(*key), h, w, n)
-
-    numbered = [f"{i:05d}" for i in range(frames)]
-    if "davis" in datasets:
-        for split_id, split in enumerate(("train", "val")):
-            names = [f"{split}{i:02d}" for i in range(videos)]
-            write_text_atomic("\n".join(names) + "\n", root / "DAVIS/ImageSets/2016" / f"{split}.txt")
-            for i, name in enumerate(names):
-                write_video(clip((1, split_id, i)), root / "DAVIS", "JPEGImages/480p", "JPEGFlows/480p",
-                            "Annotations/480p", name, mask_style="palette", stems=numbered)
-    if "ytvos" in datasets:
-        names = [f"yt{i:04d}" for i in range(videos)]
-        write_text_atomic("\n".join(names) + "\n", root / "YTVOS18/ImageSets/train.txt")
-        for i, name in enumerate(names):
-            write_video(clip((2, i)), root / "YTVOS18", "train/JPEGImages", "train/JPEGFlows", "train/Annotations",
-                        name, mask_style="palette", stems=[f"{5 * t:05d}" for t in range(frames)])
-    if "fbms" in datasets:
-        for i in range(videos):
-            write_video(clip((3, i)), root / "FBMS", "TestSet/JPEGImages", "TestSet/JPEGFlows", "TestSet/Annotations",
-                        f"fbms{i:02d}", mask_style="grey", stems=numbered, annotate_every=4)
-    if "ytobj" in datasets:
-        for c, cls in enumerate(YTOBJ_CLASSES):
-            names = ["0001", "0002_b"] if c == 0 else ["0001"]
-            for i, name in enumerate(names):
-                write_video(clip((4, c, i)), root / "YTOBJ", "JPEGImages", "JPEGFlows", "Annotations",
-                            f"{cls}/{name}", mask_style="grey", stems=numbered, annotate_every=3)
-    if "lvid" in datasets:
-        for i in range(videos):
-            write_video(clip((5, i)), root / "LVID", "JPEGImages", "JPEGFlows", "Annotations", f"lvid{i:02d}",
-                        mask_style="palette", stems=numbered, annotate_every=2)
-    if "duts" in datasets:
-        for i in range(8 * videos):
-            image, mask, disparity, flow = render_still(rng(6, i), h, w)
-            stem = f"ILSVRC2012_test_{i:08d}"
-            for folder in ("DUTS-TR/DUTS-TR-Image", "DUTSv2/JPEGImages"):
-                _save_jpg(image, root / folder / f"{stem}.jpg")
-            for folder in ("DUTS-TR/DUTS-TR-Mask", "DUTSv2/Annotations"):
-                save_image_atomic(Image.fromarray(mask * 255), root / folder / f"{stem}.png")
-            depth16 = np.round(disparity * 65535).astype(np.uint16)
-            save_image_atomic(Image.fromarray(depth16), root / "DUTS-TR/DUTS-TR-Depth" / f"{stem}.png")
-            _save_jpg(flow_to_rgb(flow), root / "DUTSv2/JPEGFlows" / f"{stem}.jpg")
+    for name in datasets or all_choices():
+        if name == DUTS_TR:
+            write_duts_tr(root, rng, h, w, videos)
+        else:
+            write_dataset(DATASETS[name], root, rng, h, w, videos, frames)
     return root
 
 
@@ -186,19 +213,21 @@ def _parse_size(text: str) -> tuple[int, int]:
 @cli_entry
 def main(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("root", help="folder to write the datasets into")
+    parser.add_argument("root", help="a new or empty folder to write the datasets into")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", default="96x128", help="frame size HxW (default 96x128)")
     parser.add_argument("--videos", type=int, default=3, help="videos per dataset and split (default 3)")
     parser.add_argument("--frames", type=int, default=12, help="frames per video (default 12)")
-    parser.add_argument("--datasets", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument("--datasets", default=",".join(all_choices()),
+                        help=f"comma-separated subset of {','.join(all_choices())}")
+    parser.add_argument("--overwrite", action="store_true", help="replace toy data an earlier run wrote in ROOT")
     args = parser.parse_args(argv)
     chosen = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    if unknown := sorted(set(chosen) - set(ALL)):
-        raise UserError(f"--datasets: unknown {unknown}; expected names from {','.join(ALL)}")
-    if args.videos < 1 or args.frames < 2:
-        raise UserError("--videos must be at least 1 and --frames at least 2")
-    root = generate(args.root, args.seed, _parse_size(args.size), args.videos, args.frames, chosen)
+    if unknown := sorted(set(chosen) - set(all_choices())):
+        raise UserError(f"--datasets: unknown {unknown}; expected names from {','.join(all_choices())}")
+    if args.videos < 1 or args.frames < 3:
+        raise UserError("--videos must be at least 1 and --frames at least 3")
+    root = generate(args.root, args.seed, _parse_size(args.size), args.videos, args.frames, chosen, args.overwrite)
     print(f"wrote toy datasets ({', '.join(chosen)}) to {root}")
 
 

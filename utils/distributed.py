@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from utils.device import resolve_device
+from utils.device import configure_gpu, resolve_device
 
 
 @dataclass(frozen=True)
@@ -27,18 +27,22 @@ class Context:
         return self.world_size > 1
 
 
-def init(device_name: str) -> Context:
-    """Join the torchrun process group if launched by torchrun (NCCL on GPU, gloo on CPU)."""
+def init(device_name: str, strict_fp32: bool = False) -> Context:
+    """Choose the device (utils.device's precision policy on a GPU) and join the torchrun process group if
+    launched by torchrun (NCCL on GPU, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device_name)
+    configure_gpu(device, strict_fp32)
     if world_size == 1:
         return Context(0, 1, device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+        device = resolve_device(f"cuda:{local_rank}")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":  # device_id binds NCCL to this process's GPU from the start
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     control = dist.new_group(backend="gloo") if device.type == "cuda" else None
     return Context(rank, world_size, device, control)
 
@@ -75,7 +79,7 @@ def gather_to_main(obj, ctx: Context) -> list | None:
     if not ctx.distributed:
         return [obj]
     gathered = [None] * ctx.world_size
-    dist.all_gather_object(gathered, obj)
+    dist.all_gather_object(gathered, obj, group=ctx.control)  # host objects travel over gloo, not NCCL
     return gathered if ctx.is_main else None
 
 

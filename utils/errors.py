@@ -1,11 +1,11 @@
 """User-facing errors: one line, non-zero exit, no traceback."""
 
 import argparse
-import contextlib
 import functools
 import signal
 import sys
-import threading
+
+from utils.interrupts import EXIT_CODES, Stopped, Terminated, terminate_like_ctrl_c
 
 
 class UserError(Exception):
@@ -13,32 +13,9 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C
 
 
-@contextlib.contextmanager
-def deferring_ctrl_c():
-    """Hold Ctrl-C back while the block starts processes, then deliver it to whoever handles it.
-
-    Python runs a signal's handler between bytecodes. One that lands while the process forks runs inside
-    an at-fork callback (the logging module registers one), where the KeyboardInterrupt it raises is
-    printed and dropped, and the run carries on as if Ctrl-C had not been pressed. Inside the block the
-    handler only notes the signal; afterwards the signal is raised again under the usual handler. Children
-    forked meanwhile keep the noting handler: Ctrl-C is the main process's to handle, and it stops them."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-    pressed = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if pressed:
-            signal.raise_signal(signal.SIGINT)
-
-
-def one_line(err: UserError) -> str:
+def one_line(err: Exception) -> str:
     """The message itself. A UserError re-raised from a DataLoader worker carries the worker's traceback in its
     text; its own message is the last line, after the exception's name."""
     last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
@@ -47,11 +24,13 @@ def one_line(err: UserError) -> str:
 
 def cli_entry(main):
     """Run `main`; turn a UserError, or an OS error about a path (an output folder that cannot be created, a
-    full disk), into one line on stderr and exit code 2, and Ctrl-C into one line and exit code 130. Every
-    program writes its outputs atomically and as it goes, so what was finished before Ctrl-C is kept."""
+    full disk), into one line on stderr and exit code 2; Ctrl-C and SIGTERM into one line and exit codes
+    130 and 143. Every program writes its outputs atomically and as it goes, so what was finished before
+    it stopped is kept."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        terminate_like_ctrl_c()
         try:
             return main(*args, **kwargs)
         except UserError as err:
@@ -60,13 +39,17 @@ def cli_entry(main):
         except OSError as err:
             if err.filename is None:  # not about a path the user gave: a real failure, keep its traceback
                 raise
-            print(f"error: cannot use {err.filename}: {err.strerror or err} (check the path and its permissions)",
-                  file=sys.stderr)
+            print(f"error: cannot use {err.filename}: {err.strerror or err} (check the path, its permissions and "
+                  "the free space)", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
-        except KeyboardInterrupt:
-            print("error: interrupted; finished outputs are kept (a resumable command continues where it stopped)",
+        except Stopped as err:
+            print(f"stopped: {err}", file=sys.stderr)
+            sys.exit(EXIT_CODES[err.signum])
+        except KeyboardInterrupt as err:
+            what = "terminated" if isinstance(err, Terminated) else "interrupted"
+            print(f"error: {what}; finished outputs are kept (a resumable command continues where it stopped)",
                   file=sys.stderr)
-            sys.exit(EXIT_INTERRUPTED)
+            sys.exit(EXIT_CODES[signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT])
 
     return wrapper
 

@@ -1,13 +1,12 @@
 """Atomic file writing and image reading with errors that name the file."""
 
 import contextlib
-import io
+import errno
 import os
+import re
 import tempfile
-import warnings
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -56,7 +55,11 @@ def atomic_path(path, durable: bool = True):
 
 def save_torch_atomic(obj, path):
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:  # torch reports a full disk or an unwritable file as a RuntimeError
+            reason = (str(err).strip().splitlines() or ["write failed"])[0]
+            raise OSError(errno.EIO, reason, str(path)) from None
 
 
 def save_image_atomic(image: Image.Image, path, durable: bool = True, **save_kwargs):
@@ -95,54 +98,28 @@ def read_image(path, mode=None) -> Image.Image:
         raise UserError(f"unreadable or truncated image: {path} ({err})") from None
 
 
+# Modes whose conversion to 8-bit RGB keeps their values; 16-bit and float images would be clipped.
+RGB_MODES = ("RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr")
+
+
 def read_rgb(path) -> np.ndarray:
-    """HxWx3 uint8: the pixels PIL decodes, by the fastest decoder that gives them.
-
-    RGB and grey JPEGs go through OpenCV's libjpeg-turbo, which skips PIL's copies (about 2x faster on video
-    frames) and gives the same pixels for every such JPEG variant tried (tests/test_image_io.py). Because
-    that rests on two libraries' builds, the first JPEG each process reads is decoded both ways and
-    compared; if they differ, the process warns once and keeps to PIL. CMYK JPEGs (whose colour conversion
-    differs) and files OpenCV cannot read go to PIL, whose errors name the file.
-    """
-    if Path(path).suffix.lower() in (".jpg", ".jpeg") and _fast_jpeg_agrees(path):
-        pixels = _decode_jpeg(path)
-        if pixels is not None:
-            return pixels
-    return np.asarray(read_image(path, "RGB"))
+    """HxWx3 uint8, as PIL decodes it (the reference's decoder); images whose values do not fit 8-bit RGB
+    stop with one line naming the file."""
+    image = read_image(path)
+    if image.mode not in RGB_MODES:
+        raise UserError(f"{path} is a {image.mode} image; expected an 8-bit RGB or grey frame (JPEG or PNG)")
+    return np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
 
 
-_fast_jpeg: bool | None = None  # per process: None until a JPEG has been decoded both ways
-
-
-def _decode_jpeg(path) -> np.ndarray | None:
-    """OpenCV's decoding, or None where PIL must decode."""
+def image_size(path) -> tuple[int, int]:
+    """(height, width) from the file's header, without decoding the pixels."""
     try:
-        data = Path(path).read_bytes()
+        with Image.open(path) as img:
+            return img.height, img.width
     except FileNotFoundError:
         raise UserError(f"missing image: {path}") from None
-    except OSError as err:
-        raise UserError(f"unreadable image: {path} ({err.strerror})") from None
-    try:
-        with Image.open(io.BytesIO(data)) as header:  # reads the markers, not the pixels
-            if header.mode not in ("RGB", "L"):
-                return None
-    except (UnidentifiedImageError, OSError, SyntaxError):
-        return None
-    # OpenCV would turn the frame by its EXIF orientation; PIL, and so the method, does not.
-    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
-
-
-def _fast_jpeg_agrees(path) -> bool:
-    global _fast_jpeg
-    if _fast_jpeg is None:
-        fast = _decode_jpeg(path)
-        if fast is None:
-            return False  # this file proves nothing either way; PIL reads it
-        _fast_jpeg = np.array_equal(fast, np.asarray(read_image(path, "RGB")))
-        if not _fast_jpeg:
-            warnings.warn(f"OpenCV's JPEG decoder gives other pixels than PIL's for {path} in this "
-                          "installation; decoding with PIL (slower, same results)", stacklevel=3)
-    return _fast_jpeg
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise UserError(f"unreadable image: {path} ({err})") from None
 
 
 def image_is_complete(path) -> bool:
@@ -155,14 +132,26 @@ def image_is_complete(path) -> bool:
         return False
 
 
+def natural_key(name: str) -> list:
+    """Sort key that orders numbers by value: 2.jpg before 10.jpg, frame_9 before frame_10."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
 def list_frames(folder) -> list[Path]:
-    """The frames of a video folder (.jpg/.png), in name order."""
+    """The frames of a video folder (.jpg/.png), in natural name order; two files of one frame (00003.jpg and
+    00003.png) stop the run, as one of them would overwrite the other's outputs."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"frame folder not found: {folder}")
-    frames = sorted(p for p in folder.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS)
+    frames = sorted((p for p in folder.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS and p.is_file()),
+                    key=lambda p: natural_key(p.name))
     if not frames:
         raise UserError(f"no frames (.jpg/.png) in {folder}")
+    seen = {}
+    for path in frames:
+        if path.stem in seen:
+            raise UserError(f"two files for frame {path.stem!r}: {seen[path.stem]} and {path} (expected one)")
+        seen[path.stem] = path
     return frames
 
 

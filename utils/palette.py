@@ -3,6 +3,7 @@
 import numpy as np
 from PIL import Image
 
+from utils.errors import UserError
 from utils.io import read_image, save_image_atomic
 
 
@@ -23,31 +24,47 @@ def davis_palette() -> list[int]:
 
 DAVIS_PALETTE = davis_palette()
 
-# How each dataset's annotation files become object masks (README, 'Data').
+# How each dataset's annotation files become object masks (README, 'Data'): "nonzero" (DAVIS, YouTube-VOS,
+# Long-Videos: any label is the object) or "grey" (DUTS, FBMS, YouTube-Objects: the brighter half of the grey
+# levels is the object).
 MASK_RULES = ("nonzero", "grey")
 
+# PNG modes that hold one value per pixel, and the value that means "all object" in each.
+_FULL_SCALE = {"L": 255, "I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I": 65535, "F": 1.0}
 
-def read_label_image(path) -> np.ndarray:
-    """HxW integer labels: palette indices for 'P' files, grey levels otherwise."""
+
+def read_mask_levels(path) -> np.ndarray:
+    """HxW float32 object levels in [0, 1], from any encoding of a binary or soft mask: 1-bit ('1'), palette
+    indices ('P': index 0 is background, any other index object), grey levels of 8 or 16 bits (0/1 label
+    images included: a grey mask whose largest value is 1 holds labels, not levels) and RGB(A) (the
+    brightest channel). Any other mode stops with one line naming the file."""
     img = read_image(path)
-    if img.mode in ("RGB", "RGBA"):
-        return np.asarray(img.convert("RGB")).max(axis=2)
-    if img.mode not in ("P", "L", "1", "I", "I;16"):
-        img = img.convert("L")
-    return np.asarray(img)
-
-
-def binarise(labels: np.ndarray, rule: str) -> np.ndarray:
-    """HxW uint8 0/1. 'nonzero': palette masks, object = label != 0. 'grey': 0/255 masks, object > 127."""
-    if rule == "nonzero":
-        return (labels != 0).astype(np.uint8)
-    if rule == "grey":
-        return (labels > 127).astype(np.uint8)
-    raise ValueError(f"unknown mask rule {rule!r}; expected one of {MASK_RULES}")
+    if img.mode in ("1", "P", "PA"):
+        indices = np.asarray(img if img.mode == "1" else img.getchannel(0))
+        return (indices != 0).astype(np.float32)
+    if img.mode in ("RGB", "RGBA", "LA"):
+        img = img.convert("RGB" if img.mode != "LA" else "L")
+        values = np.asarray(img).max(axis=2) if img.mode == "RGB" else np.asarray(img)
+        full = 255
+    elif img.mode in _FULL_SCALE:
+        values, full = np.asarray(img), _FULL_SCALE[img.mode]
+    else:
+        raise UserError(f"mask {path} is a {img.mode} image; expected a binary, palette, grey or RGB PNG")
+    values = values.astype(np.float32)
+    top = float(values.max(initial=0))
+    if top <= 1:  # 0/1 labels
+        return (values > 0).astype(np.float32)
+    return np.clip(values / full, 0, 1)
 
 
 def read_mask(path, rule: str) -> np.ndarray:
-    return binarise(read_label_image(path), rule)
+    """HxW uint8 0/1 object mask under the dataset's rule."""
+    levels = read_mask_levels(path)
+    if rule == "nonzero":
+        return (levels > 0).astype(np.uint8)
+    if rule == "grey":
+        return (levels > 0.5).astype(np.uint8)
+    raise ValueError(f"unknown mask rule {rule!r}; expected one of {MASK_RULES}")
 
 
 def palette_image(mask: np.ndarray) -> Image.Image:

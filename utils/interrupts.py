@@ -1,0 +1,54 @@
+"""How the programs stop when asked: Ctrl-C (SIGINT), and SIGTERM, which SLURM, `docker stop` and `timeout`
+send. Both unwind the program the same way, ending in one line and the shell's exit code for the signal
+(130, 143). A long job that can stop cleanly (training) asks `stop_requests()` instead, and finishes the
+step in hand and saves before it stops.
+"""
+
+import contextlib
+import signal
+import threading
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread wherever it is, so that it unwinds like Ctrl-C."""
+
+
+class Stopped(Exception):
+    """A job that stopped at a safe point when asked, its work saved; the message says how to continue."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def terminate_like_ctrl_c() -> None:
+    """From now on SIGTERM raises Terminated (a KeyboardInterrupt) in the main thread."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+
+
+class StopRequests:
+    """SIGINT and SIGTERM, while installed, only note the signal; the job asks `signum` at its safe points."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def _note(self, signum, frame):
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_requests():
+    requests = StopRequests()
+    previous = {sig: signal.signal(sig, requests._note) for sig in EXIT_CODES}
+    try:
+        yield requests
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
