@@ -15,7 +15,7 @@ from model.encoders import check_backbone
 from model.losses import build_loss
 from model.mit import MIT_SPECS
 from trainer import SELECTIONS, STAGES, RunSettings, parse_sources
-from utils.device import AMP_MODES, default_workers
+from utils.device import AMP_MODES, default_workers, device_type
 from utils.errors import ArgumentParser, UserError, cli_entry
 from utils.interrupts import stop_requests
 
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stage", type=int, choices=tuple(STAGES), help="recipe stage for --train (default 1)")
     s.add_argument("--epochs", type=int, help="default by stage: 4000 (1), 2000 (2)")
     s.add_argument("--batch-size", type=int, help="--train: global batch (default 16); otherwise frames per "
-                                                  "forward pass (default 8)")
+                                                  "forward pass (default 8 on a GPU, 1 on a CPU)")
     s.add_argument("--lr", type=float, help="Adam learning rate (default 1e-5)")
     s.add_argument("--loss", help="training loss, from model/losses.py; terms joined by '+' are summed "
                                   "(default ce, the reference)")
@@ -89,9 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--amp", choices=AMP_MODES, default="off", help="mixed precision on GPU (default off)")
     h.add_argument("--strict-fp32", action="store_true", help="GPU: float32 matrix products and convolutions in "
                                                               "full precision, not TF32 (see utils/device.py)")
-    h.add_argument("--workers", type=int, default=default_workers(),
-                   help=f"data-loading processes, and as many threads writing and scoring masks (default: this "
-                        f"process's share of the cores, up to 8; here {default_workers()})")
+    h.add_argument("--workers", type=int,
+                   help=f"data-loading processes, and as many threads writing and scoring masks (default: on a GPU, "
+                        f"this process's share of the cores, up to 8, here {default_workers()}; on a CPU 0, as the "
+                        "network keeps every core busy)")
     h.add_argument("--channels-last", action="store_true",
                    help="CPU inference in channels-last memory format (refused on a GPU, where it is slower)")
     h.add_argument("--compile", action="store_true", help="torch.compile the model (inference) or the "
@@ -126,8 +127,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.pretrained and args.checkpoint:
         raise UserError("--pretrained and --checkpoint both give initial weights; pass one (--checkpoint: a whole "
                         "DepthFlow model, --pretrained: ImageNet encoder weights)")
+    on_gpu = device_type(args.device) == "cuda"
     if args.batch_size is None and not args.train:
-        args.batch_size = 8
+        args.batch_size = 8 if on_gpu else 1  # a CPU gains nothing from batches, and holds their activations
+    if args.workers is None:
+        args.workers = default_workers() if on_gpu else 0
     _check_numbers(args)
     return args
 

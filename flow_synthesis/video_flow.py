@@ -9,10 +9,17 @@ has a flow image of its own motion. A one-frame video gets zero flow.
 
 Backends: torchvision's RAFT-Large from a local weights file (raft_large_C_T_SKHT_V2-ff5fadd5.pth;
 inputs scaled to [-1, 1], padded to multiples of 8 by replicating edges, cropped back after), or OpenCV's
-DIS optical flow, which needs no weights. Existing complete flow files are kept, so runs resume.
+DIS optical flow, which needs no weights.
+
+Runs resume: OUT/flows.json records, for every flow image, the backend and the two frames it was computed
+from (names and SHA-1s); a flow is kept only while that record matches the frames as they are now, so
+flows of another video, of edited frames, or of a last frame that has since gained a successor are made
+again. Under torchrun (`torchrun --nproc_per_node=N -m flow_synthesis.video_flow --dataset ...`) the videos
+are shared out over the processes, each on its own GPU; the files are those one process writes.
 """
 
 import argparse
+import json
 from pathlib import Path
 
 import cv2
@@ -23,10 +30,18 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataset import DATASETS, DEFAULT_DATA_ROOT, dataset_root, video_datasets
-from utils.device import resolve_device
+from utils import distributed
 from utils.errors import ArgumentParser, UserError, cli_entry
 from utils.flow_viz import flow_to_rgb
-from utils.io import frame_size, image_is_complete, list_frames, read_rgb, save_image_atomic
+from utils.io import (
+    file_digest,
+    frame_size,
+    image_is_complete,
+    list_frames,
+    read_rgb,
+    save_image_atomic,
+    write_text_atomic,
+)
 
 RAFT_WEIGHTS = "raft_large_C_T_SKHT_V2-ff5fadd5.pth"
 RAFT_MIN_SIDE = 128  # its correlation pyramid needs 1/8-resolution features of at least 16 pixels
@@ -49,6 +64,7 @@ class RAFTFlow:
     name = "RAFT"
 
     def __init__(self, weights, device, iterations: int = 20):
+        self.signature = f"RAFT-Large ({Path(weights).name}, {iterations} iterations)"
         from torchvision.models.optical_flow import raft_large
 
         from model.checkpoints import load_strictly, read_file
@@ -79,6 +95,7 @@ class DISFlow:
 
     def __init__(self, preset=cv2.DISOPTICAL_FLOW_PRESET_MEDIUM):
         self.dis = cv2.DISOpticalFlow_create(preset)
+        self.signature = f"DIS (OpenCV {cv2.__version__}, preset {preset})"
 
     def __call__(self, first, second):
         grey = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in (*first, *second)]
@@ -86,31 +103,56 @@ class DISFlow:
         return [self.dis.calc(grey[i], grey[n + i], None) for i in range(n)]
 
 
+RECORD = "flows.json"  # in each flow folder: what each flow image was computed from
+
+
+def flow_pairs(n: int) -> list[tuple[int, int]]:
+    """The frames each frame's flow runs between: (t, t+1), and for the last frame (t, t-1), negated."""
+    if n == 1:
+        return [(0, 0)]
+    return [(i, i + 1) if i + 1 < n else (i, i - 1) for i in range(n)]
+
+
 def video_flows(frames: list[Path], out_dir: Path, backend, batch_size: int = 4, progress: bool = True) -> int:
-    """Write out_dir/<stem>.jpg for every frame (skipping complete ones); returns how many were computed."""
+    """Write out_dir/<stem>.jpg for every frame, keeping flows whose record matches; returns how many were
+    computed."""
     if frames and out_dir.resolve() == frames[0].parent.resolve():
         raise UserError(f"flows would be written over the frames in {out_dir}; expected another output folder")
     frame_size(frames)  # one size per video, checked before any work
     targets = [out_dir / f"{f.stem}.jpg" for f in frames]
-    todo = [i for i, t in enumerate(targets) if not image_is_complete(t)] if out_dir.is_dir() else \
-        list(range(len(frames)))
-    if len(frames) == 1:
-        h, w = read_rgb(frames[0]).shape[:2]
-        if todo:
-            save_image_atomic(Image.fromarray(flow_to_rgb(np.zeros((h, w, 2), np.float32))), targets[0])
-        return len(todo)
+    digests = [file_digest(f) for f in frames]
+    wanted = {f.stem: {"frames": [frames[i].name, frames[j].name], "sha1": [digests[i], digests[j]],
+                       "method": backend.signature} for f, (i, j) in zip(frames, flow_pairs(len(frames)))}
+    records = _read_records(out_dir / RECORD)
+    todo = [i for i, f in enumerate(frames) if records.get(f.stem) != wanted[f.stem]
+            or not image_is_complete(targets[i])]
     for start in tqdm(range(0, len(todo), batch_size), desc=out_dir.name, unit="batch",
                       disable=None if progress else True, leave=False):
         chunk = todo[start:start + batch_size]
-        # Pairs (t, t+1); the last frame pairs with its predecessor and its flow is negated.
-        pairs = [(i, i + 1) if i + 1 < len(frames) else (i, i - 1) for i in chunk]
-        decoded = {k: read_rgb(frames[k]) for pair in pairs for k in pair}  # each frame once per chunk
-        first = [decoded[i] for i, _ in pairs]
-        second = [decoded[j] for _, j in pairs]
-        for (i, j), flow in zip(pairs, backend(first, second)):
-            flow = flow if j > i else -flow
+        for i, flow in zip(chunk, _flows(frames, chunk, backend)):
             save_image_atomic(Image.fromarray(flow_to_rgb(flow)), targets[i], quality=95)
+            records[frames[i].stem] = wanted[frames[i].stem]
+        write_text_atomic(json.dumps(records, indent=1, sort_keys=True) + "\n", out_dir / RECORD)
     return len(todo)
+
+
+def _flows(frames: list[Path], chunk: list[int], backend) -> list[np.ndarray]:
+    """The flows of the frames in `chunk` (a one-frame video has zero flow)."""
+    pairs = [flow_pairs(len(frames))[i] for i in chunk]
+    decoded = {k: read_rgb(frames[k]) for pair in pairs for k in pair}  # each frame once per chunk
+    if len(frames) == 1:
+        h, w = decoded[0].shape[:2]
+        return [np.zeros((h, w, 2), np.float32)]
+    flows = backend([decoded[i] for i, _ in pairs], [decoded[j] for _, j in pairs])
+    return [flow if j > i else -flow for (i, j), flow in zip(pairs, flows)]
+
+
+def _read_records(path: Path) -> dict:
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return records if isinstance(records, dict) else {}
 
 
 def dataset_videos(name: str, root: Path) -> list[tuple[Path, Path]]:
@@ -160,15 +202,24 @@ def main(argv=None):
         raise UserError("--frames needs --out FOLDER for the flow images")
     if args.batch_size < 1 or args.iterations < 1:
         raise UserError("--batch-size and --iterations must be at least 1")
-    backend = make_flow_backend(args.method, args.raft_weights, resolve_device(args.device), args.iterations)
-    print(f"optical flow: {backend.name}")
     if args.frames:
         jobs = [(Path(args.frames), Path(args.out))]
     else:
         spec = DATASETS[args.dataset]
         jobs = dataset_videos(args.dataset, dataset_root(spec, args.data_root, args.dataset_root))
-    computed = sum(video_flows(list_frames(frames), out, backend, args.batch_size) for frames, out in jobs)
-    print(f"wrote {computed} flow images for {len(jobs)} video(s)")
+    ctx = distributed.init(args.device)
+    try:
+        backend = make_flow_backend(args.method, args.raft_weights, ctx.device, args.iterations)
+        if ctx.is_main:
+            print(f"optical flow: {backend.name}")
+        listed = [(list_frames(frames), out) for frames, out in jobs]
+        mine = [listed[i] for i in distributed.shard_by_size([len(f) for f, _ in listed], ctx)]
+        computed = sum(video_flows(frames, out, backend, args.batch_size) for frames, out in mine)
+        distributed.barrier(ctx)
+    finally:
+        distributed.shutdown(ctx)
+    who = f"rank {ctx.rank} of {ctx.world_size}: " if ctx.distributed else ""
+    print(f"{who}wrote {computed} flow images for {len(mine)} video(s)")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from timm.models.pvt_v2 import PyramidVisionTransformerV2
 from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -45,6 +44,8 @@ class MiTEncoder(nn.Module):
     """ImageNet-normalises a [0, 1] image and returns the four stage maps (strides 4, 8, 16, 32), NCHW."""
 
     def __init__(self, backbone: str = "mitb0", layer_norm_eps: float = HF_LAYER_NORM_EPS):
+        from timm.models.pvt_v2 import PyramidVisionTransformerV2  # imported when needed: timm takes seconds
+
         super().__init__()
         spec = MIT_SPECS[backbone]
         self.out_channels = spec.embed_dims

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import cv2
 import numpy as np
@@ -8,14 +9,15 @@ from torchvision.utils import flow_to_image
 
 from dataset import DATASETS, scan
 from flow_synthesis import __main__ as synth_cli
+from flow_synthesis.depth import DepthFolder
 from flow_synthesis.depth_to_flow import FlowParams, SynthesisConfig, depth_to_flow, refine, synthesise
 from flow_synthesis.dpt import DPT, input_size, load_dpt, predict_depth
-from flow_synthesis.duts import DepthFolder, convert
+from flow_synthesis.duts import convert
 from flow_synthesis.video_flow import DISFlow, RAFTFlow, crop_padding, pad_to_multiple, video_flows
 from tests.conftest import assert_one_line_error, run_main
 from tools.toydata import render_still, texture
 from utils.flow_viz import flow_to_rgb
-from utils.io import image_is_complete
+from utils.io import image_is_complete, list_frames
 
 
 @pytest.mark.parametrize(("variant", "millions"), [("hybrid", 123.15), ("large", 344.06)])
@@ -128,7 +130,7 @@ def test_conversion_resumes_and_repairs(toy_copy, tmp_path):
     depth_dir = duts / "DUTS-TR-Depth"
     with pytest.raises(KeyboardInterrupt):
         convert(duts, out, CountingDepth(depth_dir, stems, stop_after_images=8), batch_size=4, progress=False)
-    finished = [json.loads(line)["image"] for line in (out / "manifest.jsonl").read_text().splitlines()]
+    finished = [json.loads(line)["image"] for line in (out / "manifest.0.jsonl").read_text().splitlines()]
     assert finished == stems[:8]
     broken = out / "JPEGFlows" / f"{stems[3]}.jpg"
     broken.write_bytes(broken.read_bytes()[:100])
@@ -139,8 +141,65 @@ def test_conversion_resumes_and_repairs(toy_copy, tmp_path):
     assert image_is_complete(broken)
     videos = scan(DATASETS["duts"], out)
     assert len(videos) == len(stems)
+    assert [json.loads(line)["image"] for line in (out / "manifest.jsonl").read_text().splitlines()] == stems
+    assert not list(out.glob("manifest.*.jsonl"))
     with pytest.raises(Exception, match="other settings"):
         convert(duts, out, resumed, seed=1, progress=False)
+
+
+def test_estimated_depth_is_kept_and_reused_only_for_the_same_image(toy_copy, tmp_path):
+    """A second parameter set costs no estimation; an image edited since is estimated and converted again."""
+    duts = toy_copy / "DUTS-TR"
+    stems = sorted(p.stem for p in (duts / "DUTS-TR-Image").glob("*.jpg"))
+    cache = tmp_path / "cache"
+    first = CountingDepth(duts / "DUTS-TR-Depth", stems)
+    convert(duts, tmp_path / "a", first, cache_dir=cache, progress=False)
+    assert sorted(first.calls) == stems and len(list(cache.glob("*.png"))) == len(stems)
+    again = CountingDepth(duts / "DUTS-TR-Depth", stems)
+    convert(duts, tmp_path / "b", again, cache_dir=cache, config=SynthesisConfig(object_probability=0.0),
+            progress=False)
+    assert again.calls == []
+    edited = duts / "DUTS-TR-Image" / f"{stems[2]}.jpg"
+    cv2.imwrite(str(edited), cv2.imread(str(edited))[::-1].copy())  # same name, another picture
+    later = CountingDepth(duts / "DUTS-TR-Depth", stems)
+    report = convert(duts, tmp_path / "b", later, cache_dir=cache, config=SynthesisConfig(object_probability=0.0),
+                     progress=False)
+    assert later.calls == [stems[2]] and (report.done, report.resumed) == (1, len(stems) - 1)
+    flows = {p: (tmp_path / "b/JPEGFlows" / p.name).read_bytes() for p in (tmp_path / "a/JPEGFlows").glob("*.jpg")}
+    assert any(v != (tmp_path / "a/JPEGFlows" / p.name).read_bytes() for p, v in flows.items())
+
+
+def _synthesis_command(duts, out, *extra):
+    return ["-m", "flow_synthesis", "--duts", duts, "--out", out, "--depth-dir", duts / "DUTS-TR-Depth",
+            "--device", "cpu", *extra]
+
+
+def test_two_processes_write_what_one_process_writes_and_resume_with_any_count(toy_root, tmp_path):
+    """torchrun shares the images out; the files (manifest included) are one process's, byte for byte, and a
+    run stopped part-way finishes with another number of processes to the same files."""
+    from tests.conftest import ROOT, run_cli
+
+    duts = toy_root / "DUTS-TR"
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29561"]
+    rc, out, err = run_cli(*_synthesis_command(duts, tmp_path / "one"))
+    assert rc == 0, err[-2000:]
+    rc, out, err = run_cli(*torchrun, *_synthesis_command(duts, tmp_path / "two"), cwd=ROOT)
+    assert rc == 0, err[-2000:]
+    assert "rank 0 of 2: DUTSv2" in out and "rank 1 of 2: DUTSv2" in out
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert all((tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes() for f in files)
+    # As a kill part-way leaves it: half the images done, their lines in one process's manifest part.
+    partial = tmp_path / "partial"
+    shutil.copytree(tmp_path / "two", partial)
+    lines = (partial / "manifest.jsonl").read_text().splitlines()
+    (partial / "manifest.jsonl").unlink()
+    (partial / "manifest.1.jsonl").write_text("".join(line + "\n" for line in lines[::2]))
+    for line in lines[1::2]:
+        (partial / "JPEGFlows" / f"{json.loads(line)['image']}.jpg").unlink()
+    rc, out, err = run_cli(*_synthesis_command(duts, partial))
+    assert rc == 0 and f"{len(lines) - len(lines[::2])} images converted, {len(lines[::2])} already done" in out
+    assert all((tmp_path / "one" / f).read_bytes() == (partial / f).read_bytes() for f in files)
 
 
 def test_depth_maps_at_another_resolution_are_resized(toy_root, tmp_path):
@@ -298,3 +357,36 @@ def test_dpt_large_matches_hf_transformers_dpt():
         assert a.shape == b.shape == (1, side, side)
         assert (b > 0).float().mean() > 0.05, "a depth map of zeros would make this comparison empty"
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_video_flows_are_kept_only_for_the_frames_they_were_made_from(toy_copy, tmp_path):
+    """Flows of another video in the output folder are made again; so is the last frame's backward flow once
+    the video has gained a frame; flows still matching their frames are kept."""
+    a, b = (toy_copy / "LVID/JPEGImages" / name for name in ("lvid_00", "lvid_01"))
+    out = tmp_path / "flows"
+    assert video_flows(list_frames(a), out, DISFlow(), progress=False) == 8
+    kept = (out / "00000.jpg").read_bytes()
+    assert video_flows(list_frames(a), out, DISFlow(), progress=False) == 0
+    assert video_flows(list_frames(b), out, DISFlow(), progress=False) == 8
+    assert (out / "00000.jpg").read_bytes() != kept
+    shutil.copy(a / "00003.jpg", b / "00008.jpg")  # the video gains a ninth frame
+    last = (out / "00007.jpg").read_bytes()
+    assert video_flows(list_frames(b), out, DISFlow(), progress=False) == 2  # the old last frame, the new one
+    assert (out / "00007.jpg").read_bytes() != last
+
+
+def test_video_flows_under_torchrun_are_one_process_flows(toy_root, tmp_path):
+    from tests.conftest import ROOT, run_cli
+
+    outputs = {}
+    for nproc in (1, 2):
+        root = tmp_path / f"n{nproc}"
+        shutil.copytree(toy_root / "FBMS", root / "FBMS")
+        shutil.rmtree(root / "FBMS/TestSet/JPEGFlows")
+        rc, out, err = run_cli("-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", "29563",
+                               "-m", "flow_synthesis.video_flow", "--dataset", "fbms", "--data-root", root,
+                               "--method", "dis", "--device", "cpu", cwd=ROOT)
+        assert rc == 0, err[-2000:]
+        outputs[nproc] = {p.relative_to(root): p.read_bytes() for p in (root / "FBMS").rglob("JPEGFlows/*/*")}
+    assert "rank 1 of 2: wrote 8 flow images for 1 video(s)" in out
+    assert len(outputs[1]) == 2 * 8 + 2 and outputs[1] == outputs[2]

@@ -21,6 +21,17 @@ AMP_MODES = ("off", "bf16", "fp16")
 CUDNN_WORKSPACE_MIB = 1024  # cap on each convolution's autotuning workspace, so a 16 GB card keeps room
 
 
+def device_type(name: str) -> str:
+    """"cuda" or "cpu" for a --device value, without choosing the device yet (an invalid name: "cpu", for
+    resolve_device to refuse later)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return torch.device(name).type
+    except RuntimeError:
+        return "cpu"
+
+
 def resolve_device(name: str) -> torch.device:
     """The device named by --device, made the current CUDA device (so streams, events and the loader's
     pinning thread all use it); one line if this build or machine lacks it."""

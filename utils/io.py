@@ -2,6 +2,7 @@
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import tempfile
@@ -120,6 +121,18 @@ def image_size(path) -> tuple[int, int]:
         raise UserError(f"missing image: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise UserError(f"unreadable image: {path} ({err})") from None
+
+
+def file_digest(path) -> str:
+    """SHA-1 of a file's bytes: the identity of an input that an output was made from."""
+    digest = hashlib.sha1()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except FileNotFoundError:
+        raise UserError(f"missing file: {path}") from None
+    return digest.hexdigest()
 
 
 def image_is_complete(path) -> bool:
