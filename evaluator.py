@@ -20,7 +20,7 @@ from inference import InferenceOptions, SegmentedFrame, Segmenter
 from utils import distributed
 from utils.device import default_workers
 from utils.errors import ArgumentParser, UserError, cli_entry
-from utils.io import check_writable, write_text_atomic
+from utils.io import check_outside, check_writable, write_text_atomic
 from utils.metrics import FrameScore, davis_summary, j_summary, score_frame
 from utils.palette import read_mask, save_palette_mask
 
@@ -173,6 +173,10 @@ def evaluate(model, names: list[str], data_root, overrides: dict, output, option
     Under torchrun (`ctx`), videos are shared out over the processes and rank 0 writes the tables. The
     JSON is rewritten after each dataset, so a stopped run keeps the datasets it finished."""
     ctx = ctx or distributed.Context(0, 1, options.device)
+    roots = [dataset_root(DATASETS[n], data_root, overrides.get(n)) for n in names if n in DATASETS]
+    check_outside(output, roots, "--output")
+    if json_path is not None:
+        check_outside(json_path, roots, "--json")
     output = check_writable(output)
     json_path = checked_results_path(json_path or output / "results.json")
     videos = scan_datasets(names, data_root, overrides)
@@ -201,8 +205,11 @@ def main(argv=None):
                                                                              "machine's cores, up to 8)")
     args = parser.parse_args(argv)
     spec = DATASETS[args.dataset]
+    root = dataset_root(spec, args.data_root, args.dataset_root)
+    if args.json:
+        check_outside(args.json, [root, args.results], "--json")
     json_path = checked_results_path(args.json) if args.json else None
-    videos = scan(spec, dataset_root(spec, args.data_root, args.dataset_root))
+    videos = scan(spec, root)
     result = score_saved(spec, videos, args.results, workers=args.workers)
     print(format_table(spec, result))
     if json_path:

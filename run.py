@@ -128,6 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError("--pretrained and --checkpoint both give initial weights; pass one (--checkpoint: a whole "
                         "DepthFlow model, --pretrained: ImageNet encoder weights)")
     on_gpu = device_type(args.device) == "cuda"
+    if args.amp != "off" and not on_gpu:
+        raise UserError(f"--amp {args.amp} is for GPUs; on a CPU the network runs in float32 (drop --amp)")
     if args.batch_size is None and not args.train:
         args.batch_size = 8 if on_gpu else 1  # a CPU gains nothing from batches, and holds their activations
     if args.workers is None:

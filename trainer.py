@@ -39,7 +39,7 @@ from utils.background import BackgroundWriter, host_copy
 from utils.device import autocast_context, check_compiler
 from utils.errors import UserError, one_line
 from utils.interrupts import Stopped, StopRequests
-from utils.io import check_writable, write_text_atomic
+from utils.io import check_outside, check_writable, write_text_atomic
 
 LOG_EVERY = 20  # steps between progress-bar updates (each reads the running figures from the device once)
 RUN_FILES = ("last.pth", "best.pth", "metrics.jsonl")  # an output folder holding one of these holds a run
@@ -255,6 +255,8 @@ class TrainingRun:
             raise UserError(f"--batch-size {recipe.batch_size} must be divisible by the {ctx.world_size} processes")
         self.sources = [Source(DATASETS[n], self._scan(n), k) for n, k in recipe.sources]
         self.val_videos = self._scan(VALIDATION_DATASET) if recipe.selection == "davis" else None
+        check_outside(self.output, [self._root(n) for n, _ in recipe.sources] +
+                    ([self._root(VALIDATION_DATASET)] if self.val_videos else []), "--output")
         self._check_disjoint()
         if state is None:
             self._claim_output()  # last of the checks: an earlier run that --overwrite replaces goes only now
@@ -277,9 +279,11 @@ class TrainingRun:
         self.data = TrainingFrames(self.sources, size=recipe.size, seed=recipe.seed, flip_p=recipe.flip_p)
         self.batches = GlobalBatches(len(self.data), recipe.batch_size, recipe.seed, ctx)
 
+    def _root(self, name: str) -> Path:
+        return dataset_root(DATASETS[name], self.settings.data_root, self.settings.dataset_roots.get(name))
+
     def _scan(self, name: str):
-        spec = DATASETS[name]
-        return scan(spec, dataset_root(spec, self.settings.data_root, self.settings.dataset_roots.get(name)))
+        return scan(DATASETS[name], self._root(name))
 
     def _check_disjoint(self) -> None:
         """No video that selects best.pth may be trained on (a split list naming a val video, say)."""
@@ -316,14 +320,20 @@ class TrainingRun:
         return state
 
     def _claim_output(self) -> None:
-        """Every rank checks (so all stop together); rank 0 clears an earlier run that --overwrite replaces."""
+        """Every rank checks (so all stop together); rank 0 clears an earlier run that --overwrite replaces,
+        unless that would delete the weights this run starts from."""
         found = [name for name in RUN_FILES if (self.output / name).exists()]
         if found and not self.settings.overwrite:
             raise UserError(f"{self.output} holds an earlier run ({found[0]}); continue it with --resume, choose "
                             "another --output, or start afresh there with --overwrite")
+        earlier = [self.output / name for name in RUN_FILES] + sorted(self.output.glob("epoch_*.pth"))
+        for start in filter(None, (self.settings.init_checkpoint, self.settings.pretrained)):
+            if any(p.exists() and p.resolve() == Path(start).resolve() for p in earlier):
+                raise UserError(f"--overwrite would delete {start}, the weights this run starts from; copy it out "
+                                "of --output first, or choose another --output")
         if self.ctx.is_main:
             check_writable(self.output)
-            for path in [self.output / name for name in RUN_FILES] + sorted(self.output.glob("epoch_*.pth")):
+            for path in earlier:
                 path.unlink(missing_ok=True)
 
     def _build_model(self, state: dict | None) -> DepthFlow:
@@ -335,7 +345,10 @@ class TrainingRun:
         if settings.init_checkpoint:
             return load_depthflow(settings.init_checkpoint, backbone=recipe.backbone if "backbone" in self.given
                                   else None, size=recipe.size if "size" in self.given else None)
-        model = DepthFlow(recipe.backbone, size=recipe.size)
+        try:
+            model = DepthFlow(recipe.backbone, size=recipe.size)
+        except ValueError as err:
+            raise UserError(f"--backbone {recipe.backbone}: {err}") from None
         if settings.pretrained:
             load_pretrained(model, settings.pretrained)
         elif self.ctx.is_main:
@@ -421,8 +434,11 @@ class TrainingRun:
     def _finite(self, figures: dict, epoch: int, step: int) -> dict:
         """The figures, if the loss is still a number; otherwise the run stops, last.pth as last written."""
         if figures["loss"] is not None and not math.isfinite(figures["loss"]):
+            self.writer.wait()
+            last = self.output / "last.pth"
+            kept = f"{last} holds the last finite state" if last.is_file() else "no checkpoint was written"
             raise UserError(f"the loss became {figures['loss']} by epoch {epoch + 1}, step {step}; stopped without "
-                            f"saving, so {self.output / 'last.pth'} holds the last finite state (lower --lr)")
+                            f"saving ({kept}); lower --lr")
         return figures
 
     def _next_batch(self, batches, epoch: int, done: int, figures: EpochFigures) -> dict:

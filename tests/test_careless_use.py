@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -387,3 +388,143 @@ def test_ctrl_c_anywhere_is_one_line_and_exit_code_130(capsys):
     assert exit_.value.code == 130
     assert capsys.readouterr().err.strip() == ("error: interrupted; finished outputs are kept (a resumable command "
                                                "continues where it stopped)")
+
+
+def test_toy_data_never_lands_on_real_data(tmp_path, check):
+    from tools.toydata import main as toydata_main
+
+    real = tmp_path / "VOS"
+    (real / "DAVIS/ImageSets/2016").mkdir(parents=True)
+    (real / "DAVIS/ImageSets/2016/val.txt").write_text("blackswan\n")
+    check(toydata_main, real, "--datasets", "davis", expect=[str(real), "did not write", "new or empty folder"])
+    check(toydata_main, real, "--datasets", "davis", "--overwrite", expect=["did not write"])
+    assert (real / "DAVIS/ImageSets/2016/val.txt").read_text() == "blackswan\n"
+    toy = tmp_path / "toy"
+    assert toydata_main([str(toy), "--datasets", "davis"]) is None
+    check(toydata_main, toy, "--datasets", "davis", expect=["holds toy data already", "--overwrite"])
+    assert toydata_main([str(toy), "--datasets", "davis", "--overwrite"]) is None
+
+
+def test_outputs_never_land_on_inputs(toy_copy, tmp_path, check):
+    frames = tmp_path / "out/frames"
+    shutil.copytree(toy_copy / "LVID/JPEGImages/lvid_00", frames)
+    check(run.main, "--demo", frames, "--checkpoint", _tiny(tmp_path), "--output", tmp_path / "out", "--overwrite",
+          "--device", "cpu", expect=["lies inside the output folder", "another --output"])
+    assert len(list(frames.glob("*.jpg"))) == 8
+    check(run.main, "--test", "--checkpoint", _tiny(tmp_path), "--data-root", toy_copy, "--datasets", "davis",
+          "--device", "cpu", "--output", toy_copy / "DAVIS/Annotations",
+          expect=["--output", "lies inside the input folder"])
+    check(run.main, "--test", "--checkpoint", _tiny(tmp_path), "--data-root", toy_copy, "--datasets", "davis",
+          "--device", "cpu", "--output", tmp_path / "o", "--json", toy_copy / "DAVIS/ImageSets/2016/val.txt",
+          expect=["--json", "lies inside the input folder"])
+    assert (toy_copy / "DAVIS/ImageSets/2016/val.txt").read_text() == "davis_00\ndavis_01\n"
+    run_dir = tmp_path / "run"
+    assert run.main(list(map(str, _train_args(toy_copy, run_dir, "--epochs", "1")))) is None
+    check(run.main, *_train_args(toy_copy, run_dir, "--epochs", "1", "--overwrite", "--checkpoint",
+                                 run_dir / "last.pth"), expect=["--overwrite would delete", "last.pth"])
+    assert (run_dir / "last.pth").is_file()
+    check(run.main, *_train_args(toy_copy, toy_copy / "DAVIS" / "runs"), expect=["lies inside the input folder"])
+
+
+def test_a_training_list_that_names_a_validation_video_is_refused(toy_copy, tmp_path, check):
+    (toy_copy / "DAVIS/ImageSets/2016/train.txt").write_text("davis_train_00\ndavis_01\n")
+    check(run.main, *_train_args(toy_copy, tmp_path / "t", "--selection", "davis"),
+          expect=["DAVIS 2016 train holds davis_01, a video of DAVIS 2016 val, which picks best.pth", "disjoint"])
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_loss_that_stops_being_a_number_stops_training(toy_root, tmp_path, check):
+    """--lr 1e12: the run stops with one line; what it wrote before is all finite, and the log valid JSON."""
+    out = tmp_path / "t"
+    check(run.main, *_train_args(toy_root, out, "--lr", "1e12", "--epochs", "5", "--selection", "davis"),
+          expect=["the loss became", "lower --lr"])
+    for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []:
+        assert all(np.isfinite(v) for v in json.loads(line).values() if isinstance(v, float))
+    for name in ("last.pth", "best.pth"):
+        if (out / name).exists():
+            assert all(v.isfinite().all() for v in read_project_checkpoint(out / name)["model"].values())
+
+
+def test_initial_weights_are_one_source(toy_root, tmp_path, check):
+    check(run.main, *_train_args(toy_root, tmp_path / "t", "--pretrained", tmp_path / "x.pth", "--checkpoint",
+                                 _tiny(tmp_path)), expect=["--pretrained and --checkpoint", "pass one"])
+
+
+@pytest.mark.parametrize(("flags", "expect"), [
+    (["--device", "mps"], "--device mps: expected auto, cpu, cuda or cuda:N"),
+    (["--device", "cuda:7"], "--device cuda:7"),
+    (["--amp", "bf16", "--device", "cpu"], "--amp bf16 is for GPUs"),
+    (["--backbone", "timm:no_such_model"], "--backbone timm:no_such_model"),
+    (["--loss", "ce+focal"], "unknown loss 'focal'"),
+    (["--flip-p", "1.5"], "--flip-p 1.5")])
+def test_flag_values_that_cannot_be_honoured_are_one_line(toy_root, tmp_path, check, flags, expect):
+    argv = [a for a in _train_args(toy_root, tmp_path / "t") if a not in ("--device", "cpu")]
+    check(run.main, *argv, *flags, expect=[expect])
+
+
+def test_a_finished_run_resumed_has_nothing_to_do_and_a_resumed_epoch_is_logged_whole(toy_root, tmp_path, capsys):
+    """Stopped mid-epoch and resumed, the epoch's logged loss is the whole epoch's, as in an uninterrupted run."""
+    from tests.test_train_eval import StopAfter
+
+    straight, stopped = tmp_path / "a", tmp_path / "b"
+    train(run.parse_args(list(map(str, _train_args(toy_root, straight)))))
+    with pytest.raises(Exception, match="continue with --resume"):
+        run.run_train(run.parse_args(list(map(str, _train_args(toy_root, stopped)))), StopAfter(2))
+    train(run.parse_args(list(map(str, _train_args(toy_root, stopped, "--resume")))))
+    a, b = ([json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()] for p in (straight, stopped))
+    assert [r["epoch"] for r in b] == [1, 2]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6) and x["iou"] == pytest.approx(y["iou"], rel=1e-6)
+    capsys.readouterr()
+    assert run.main(list(map(str, _train_args(toy_root, stopped, "--resume")))) is None
+    assert "has finished all 2 epochs; nothing to do" in capsys.readouterr().out
+
+
+def _start(args, ready):
+    """Start a project command in its own process group and wait until `ready(pid)` holds."""
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not ready(proc.pid):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    return proc
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _with_loaders(pid):
+    return any(children(server) for server in children(pid))
+
+
+@pytest.mark.parametrize("command", ["test", "train"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_run_leaves_no_process_behind(toy_root, tmp_path, command, sig):
+    """SIGKILL or SIGTERM (SLURM, docker stop, timeout) of the program: every process it started ends within
+    seconds; SIGTERM also ends in one line and exit code 143, training having saved its finished steps."""
+    from tests.conftest import descendants
+    from tools.toydata import generate
+
+    if command == "test":
+        data = generate(tmp_path / "data", size=(64, 96), videos=2, frames=40, datasets=("davis",))
+        args = ["run.py", "--test", "--checkpoint", _tiny(tmp_path), "--data-root", data, "--datasets", "davis",
+                "--output", tmp_path / "o", "--device", "cpu", "--workers", "2"]
+    else:
+        args = ["run.py", *_train_args(toy_root, tmp_path / "t", "--workers", "2", "--epochs", "500")]
+    proc = _start(args, _with_loaders)
+    started = descendants(proc.pid)
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
+    deadline = time.time() + 15
+    while time.time() < deadline and any(map(_alive, started)):
+        time.sleep(0.2)
+    assert not [p for p in started if _alive(p)]
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("stopped: saved" if command == "train" else "error: terminated")

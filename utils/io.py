@@ -75,6 +75,16 @@ def write_text_atomic(text: str, path):
         Path(tmp).write_text(text)
 
 
+def check_outside(output, inputs, what: str) -> None:
+    """Stop before any work if `output` (a file or folder to write) lies inside one of the input folders,
+    where what it writes could land on the inputs."""
+    out = Path(output).resolve()
+    for folder in inputs:
+        folder = Path(folder).resolve()
+        if out.is_relative_to(folder):
+            raise UserError(f"{what} {output} lies inside the input folder {folder}; outputs must go elsewhere")
+
+
 def check_writable(folder) -> Path:
     """Create `folder` if needed and prove a file can be written there, before any long work starts."""
     folder = Path(folder)
