@@ -216,20 +216,26 @@ def test_resume_log_has_no_repeated_epochs(toy_root, tmp_path):
     assert epochs == [1, 2, 3]
 
 
-def test_a_two_process_run_resumes_in_one_process(toy_root, tmp_path):
-    """Global batches do not depend on the process count: 2 processes for epoch 1, then 1 for epoch 2 (from the
-    snapshot the 2 processes kept after epoch 1), ends where one process alone ends (up to the order of float
-    sums in the averaged gradients)."""
-    straight = train(run.parse_args(list(map(str, _train_args(toy_root, tmp_path / "one", "--lr", "1e-5")))))
+def test_two_processes_train_as_one_and_resume_in_one(toy_root, tmp_path):
+    """DDP with 2 CPU processes: epoch 1 ends where one process's epoch 1 ends, with the same logged figures
+    (those of whole global batches, not rank 0's share); epoch 2, resumed in one process from the snapshot
+    the 2 processes kept, ends where one process alone ends. Global batches do not depend on the process
+    count; only the order of float sums in the averaged gradients does."""
+    straight = train(run.parse_args(list(map(str, _train_args(toy_root, tmp_path / "one", "--lr", "1e-5",
+                                                              "--save-every", "1")))))
     mixed = tmp_path / "mixed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29541",
                "run.py", *map(str, _train_args(toy_root, mixed, "--lr", "1e-5", "--save-every", "1"))]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert read_project_checkpoint(mixed / "epoch_00001.pth")["epoch"] == 1
-    train(run.parse_args(list(map(str, _train_args(toy_root, mixed, "--lr", "1e-5", "--resume",
-                                                   mixed / "epoch_00001.pth")))))
+    a, b = (read_project_checkpoint(p / "epoch_00001.pth") for p in (straight, mixed))
+    assert b["epoch"] == 1 and max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]) < 1e-5
+    (one, _), (two, _) = ([json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()]
+                          for p in (straight, mixed))
+    assert abs(one["loss"] - two["loss"]) < 1e-4 * one["loss"] and abs(one["iou"] - two["iou"]) < 1e-3
+    train(run.parse_args(list(map(str, _train_args(toy_root, mixed, "--lr", "1e-5", "--save-every", "1",
+                                                   "--resume", mixed / "epoch_00001.pth")))))
     a, b = (read_project_checkpoint(p / "last.pth")["model"] for p in (straight, mixed))
     start = DepthFlow("mitb0", size=32).state_dict()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

@@ -16,12 +16,12 @@ from inference import InferenceOptions, Segmenter
 from model import DepthFlow
 from model.checkpoints import read_project_checkpoint, save_project_checkpoint
 from model.winograd import winograd_available
-from tests.conftest import ROOT, assert_one_line_error, ctrl_c_once, run_cli, run_main
+from tests.conftest import assert_one_line_error, ctrl_c_once, run_cli, run_main
 from utils.errors import UserError
 from utils.interrupts import Stopped, StopRequests
 
 TOY_RECIPE = ["--backbone", "mitb0", "--size", "64", "--stage", "2", "--datasets", "duts:32,davis_train:32",
-              "--batch-size", "8", "--lr", "5e-4", "--workers", "2", "--device", "cpu"]
+              "--batch-size", "8", "--lr", "5e-4", "--workers", "0", "--device", "cpu"]
 
 
 def toy_davis_jf(model, toy_root):
@@ -180,29 +180,6 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(toy_root, tmp_pat
     assert not all(torch.equal(a["model"][k], state["model"][k]) for k in a["model"])
 
 
-def test_ddp_two_cpu_processes_match_one_process(toy_root, tmp_path):
-    single = train(_small_args(toy_root, tmp_path / "single", "--lr", "1e-5", "--epochs", "1"))
-    args = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29517", "run.py", "--train",
-            "--backbone", "mitb0", "--size", "32", "--stage", "2", "--datasets", "duts:8,davis_train:8",
-            "--batch-size", "4", "--lr", "1e-5", "--workers", "0", "--device", "cpu", "--selection", "last",
-            "--epochs", "1", "--data-root", toy_root, "--output", tmp_path / "ddp"]
-    env_threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        rc, _, err = run_cli(*args, cwd=ROOT)
-    finally:
-        os.environ.pop("OMP_NUM_THREADS") if env_threads is None else os.environ.update(OMP_NUM_THREADS=env_threads)
-    assert rc == 0, err[-2000:]
-    a = read_project_checkpoint(single / "last.pth")["model"]
-    b = read_project_checkpoint(tmp_path / "ddp" / "last.pth")["model"]
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
-    # The logged figures are the whole global batches', not rank 0's share.
-    (one,), (two,) = ([json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()]
-                      for p in (single, tmp_path / "ddp"))
-    assert abs(one["loss"] - two["loss"]) < 1e-4 * one["loss"] and abs(one["iou"] - two["iou"]) < 1e-3
-    assert any(not torch.equal(a[k], DepthFlow("mitb0", size=32).state_dict()[k]) for k in a)
-
-
 def test_user_errors_are_one_line(toy_root, toy_copy, tmp_path, capsys):
     ckpt = tmp_path / "small.pth"
     save_project_checkpoint(ckpt, DepthFlow("mitb0", size=32))
@@ -239,23 +216,13 @@ def test_user_errors_are_one_line(toy_root, toy_copy, tmp_path, capsys):
           expect=["truncated", str(image)])
 
 
-def test_truncated_frame_error_at_the_command_line(toy_copy, tmp_path):
-    ckpt = tmp_path / "small.pth"
-    save_project_checkpoint(ckpt, DepthFlow("mitb0", size=32))
-    image = toy_copy / "DAVIS/JPEGImages/480p/davis_00/00003.jpg"
-    image.write_bytes(image.read_bytes()[:300])
-    rc, _, err = run_cli("run.py", "--test", "--checkpoint", ckpt, "--data-root", toy_copy, "--output",
-                         tmp_path / "o", "--datasets", "davis", "--device", "cpu")
-    assert_one_line_error(rc, err, "truncated", str(image))
-
-
 def test_peak_memory_is_flat_in_video_length(tmp_path):
     from tools.toydata import generate
 
     ckpt = tmp_path / "small.pth"
     save_project_checkpoint(ckpt, DepthFlow("mitb0", size=32))
     peaks = {}
-    for frames in (100, 600):
+    for frames in (30, 180):
         root = generate(tmp_path / f"toy{frames}", seed=1, size=(64, 96), videos=1, frames=frames,
                         datasets=("davis",))
         code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
@@ -265,8 +232,7 @@ def test_peak_memory_is_flat_in_video_length(tmp_path):
         assert rc == 0, err[-1000:]
         peaks[frames] = int(out.strip())
         assert len(list((tmp_path / f"o{frames}/DAVIS16_val/davis_00").glob("*.png"))) == frames
-    assert peaks[600] <= 1.3 * peaks[100], peaks
-    assert np.isfinite(peaks[600])
+    assert peaks[180] <= 1.3 * peaks[30], peaks
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(toy_root, tmp_path):

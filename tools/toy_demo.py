@@ -22,7 +22,7 @@ from pathlib import Path
 from utils.errors import ArgumentParser, UserError, cli_entry
 
 TOY_SCALE = ["--backbone", "mitb0", "--size", "64", "--device", "cpu", "--batch-size", "8", "--lr", "5e-4",
-             "--workers", "2", "--checkpoint-every", "10", "--save-every", "0"]
+             "--checkpoint-every", "10", "--save-every", "0"]
 VAL_EVERY = 10
 
 
@@ -40,12 +40,13 @@ def main(argv=None):
     parser.add_argument("--stage1-epochs", type=int, default=16)
     parser.add_argument("--stage2-epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--videos", type=int, default=8, help="toy videos per dataset (default 8)")
     args = parser.parse_args(argv)
     out, start = Path(args.out), time.time()
     shutil.rmtree(out, ignore_errors=True)
     data, synthetic = out / "data", out / "data" / "DUTSv2-synth"
     common = [*TOY_SCALE, "--seed", args.seed, "--data-root", data]
-    step("toy datasets", ["-m", "tools.toydata", data, "--seed", args.seed, "--videos", "8", "--frames", "12"])
+    step("toy datasets", ["-m", "tools.toydata", data, "--seed", args.seed, "--videos", args.videos, "--frames", "12"])
     step("DUTS-TR depth -> synthetic flow (DUTSv2)", ["-m", "flow_synthesis", "--duts", data / "DUTS-TR", "--out",
                                                       synthetic, "--depth-dir", data / "DUTS-TR/DUTS-TR-Depth"])
     step("training, stage 1 (YouTube-VOS)",
