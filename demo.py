@@ -111,7 +111,7 @@ def run_demo(args) -> Path:
     from flow_synthesis.video_flow import make_flow_backend, video_flows
     from inference import InferenceOptions, Segmenter
     from model.checkpoints import load_depthflow
-    from utils.device import configure_gpu, resolve_device
+    from utils.device import configure, resolve_device
 
     if not args.checkpoint:
         raise UserError("--demo needs --checkpoint FILE (a released DepthFlow_mitb*.pth or a --train output)")
@@ -122,7 +122,7 @@ def run_demo(args) -> Path:
     else:
         open_video(source).release()
     device = resolve_device(args.device)
-    configure_gpu(device, args.strict_fp32)
+    configure(device, args.strict_fp32)
     segmenter = Segmenter(load_depthflow(args.checkpoint, backbone=args.backbone, size=args.size),
                           InferenceOptions.from_args(args, device))
     out = Path(args.output) if args.output else Path("demo_out") / source.resolve().name

@@ -15,6 +15,8 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 from dataset import DATASETS, DEFAULT_DATA_ROOT, DatasetSpec, Video, dataset_root, scan, test_datasets
 from inference import InferenceOptions, SegmentedFrame, Segmenter
 from utils import distributed
@@ -23,13 +25,40 @@ from utils.errors import ArgumentParser, UserError, cli_entry
 from utils.io import check_outside, check_writable, write_text_atomic
 from utils.metrics import FrameScore, davis_summary, j_summary, score_frame
 from utils.palette import read_mask, save_palette_mask
+from utils.report import DatasetReport, StripFrame, write_report
+
+# Which protocol each reported figure follows (docs/evaluation.md).
+PROTOCOLS = {
+    "davis": "the DAVIS toolkit: every frame but each sequence's first and last; per sequence, then over sequences",
+    "authors": "the authors' code: annotated frames with a non-empty ground truth; per sequence, then over "
+               "sequences",
+    "classes": "the mean of the class means (as HGPU and others report YouTube-Objects)",
+    "rules": "the DAVIS rules on the annotated frames (J = 1 where both masks are empty); per sequence, then over "
+             "sequences",
+}
+RULES = " (DAVIS rules)"
 
 
 def summarise(spec: DatasetSpec, videos: list[Video], scores: dict[str, list[FrameScore]]) -> dict:
+    """The dataset's figures, each named with the protocol it follows (result["protocols"])."""
     if spec.metric == "davis":
-        return davis_summary(scores)
+        result = davis_summary(scores)
+        result["protocols"] = dict.fromkeys(result["metrics"], PROTOCOLS["davis"])
+        return result
     groups = {v.key: v.group for v in videos} if spec.grouped else None
-    return j_summary(scores, groups)
+    authors = j_summary(scores, groups)
+    rules = davis_summary({k: [s for s in frames if s.annotated] for k, frames in scores.items()})
+    metrics = dict(authors["metrics"])
+    protocols = {"J-Mean": PROTOCOLS["authors"], "J-Mean over classes": PROTOCOLS["classes"]}
+    for key in ("J&F-Mean", "J-Mean", "F-Mean", "J-Decay", "F-Decay"):
+        metrics[key + RULES] = rules["metrics"][key]
+        protocols[key + RULES] = PROTOCOLS["rules"]
+    sequences = {k: {**({"J-Mean": authors["sequences"][k]} if k in authors["sequences"] else {}),
+                     **{key + RULES: value for key, value in rules["sequences"][k].items()}} for k in scores}
+    result = {"metrics": metrics, "protocols": {k: protocols[k] for k in metrics}, "sequences": sequences}
+    if "classes" in authors:
+        result["classes"] = authors["classes"]
+    return result
 
 
 def scored_frames(spec: DatasetSpec, video: Video) -> list[int]:
@@ -48,7 +77,7 @@ def finish(frame: SegmentedFrame, spec: DatasetSpec, out_dir: Path | None) -> tu
     if gt is not None and gt.shape != frame.mask.shape:
         raise UserError(f"mask {truth.mask} is {gt.shape[1]}x{gt.shape[0]}, its frame {truth.image} is "
                         f"{frame.mask.shape[1]}x{frame.mask.shape[0]} (expected equal sizes)")
-    return video.key, score_frame(frame.index, frame.mask, gt, spec.metric == "davis")
+    return video.key, score_frame(frame.index, frame.mask, gt)
 
 
 def segment_dataset(segmenter: Segmenter, spec: DatasetSpec, videos: list[Video], *, out_dir: Path | None,
@@ -82,7 +111,7 @@ def _score_saved_video(job):
         if pred.shape != gt.shape:
             raise UserError(f"result mask {path} is {pred.shape[1]}x{pred.shape[0]}, ground truth "
                             f"{frame.mask} is {gt.shape[1]}x{gt.shape[0]}")
-        scores.append(score_frame(index, pred, gt, spec.metric == "davis"))
+        scores.append(score_frame(index, pred, gt))
     return video.key, scores
 
 
@@ -97,11 +126,34 @@ def score_saved(spec: DatasetSpec, videos: list[Video], results_dir, workers: in
     return summarise(spec, videos, scores)
 
 
+WORST_SHOWN, FRAMES_SHOWN = 3, 4  # sequences with a strip in the report, frames in each strip
+
+
+def dataset_report(spec: DatasetSpec, videos: list[Video], result: dict, masks_dir: Path) -> DatasetReport:
+    """The report's part for one dataset: its figures, and strips of its worst sequences' saved masks."""
+    worst_by = "J-Mean"
+    report = DatasetReport(spec.title, result["metrics"], result.get("protocols", {}),
+                           {k: v if isinstance(v, dict) else {worst_by: v} for k, v in result["sequences"].items()},
+                           worst_by)
+    by_key = {v.key: v for v in videos}
+    ranked = sorted(report.sequences, key=lambda k: report.sequences[k].get(worst_by, float("inf")))
+    for key in ranked[:WORST_SHOWN]:
+        counted = [by_key[key].frames[i] for i in scored_frames(spec, by_key[key])]
+        shown = [counted[round(i)] for i in np.linspace(0, len(counted) - 1, min(FRAMES_SHOWN, len(counted)))]
+        report.strips[key] = [StripFrame(f.stem, f.image, f.flow, masks_dir / key / f"{f.stem}.png", f.mask,
+                                         spec.mask_rule) for f in shown]
+    return report
+
+
 def format_table(spec: DatasetSpec, result: dict) -> str:
     metrics = result["metrics"]
     lines = [f"== {spec.title} =="]
-    lines.append("  ".join(f"{k:>9}" for k in metrics))
-    lines.append("  ".join(f"{v:9.4f}" for v in metrics.values()))
+    if spec.metric == "davis":
+        lines.append("  ".join(f"{k:>9}" for k in metrics))
+        lines.append("  ".join(f"{v:9.4f}" for v in metrics.values()))
+    else:  # figures of several protocols: one a line, with its protocol
+        width = max(map(len, metrics))
+        lines += [f"{k:>{width}}  {v:.4f}  ({result['protocols'][k]})" for k, v in metrics.items()]
     if "classes" in result:
         lines.append("per class (J-Mean): " + ", ".join(f"{c} {v:.4f}" for c, v in result["classes"].items()))
     if "speed" in result:
@@ -181,7 +233,7 @@ def evaluate(model, names: list[str], data_root, overrides: dict, output, option
     json_path = checked_results_path(json_path or output / "results.json")
     videos = scan_datasets(names, data_root, overrides)
     segmenter = Segmenter(model, options)
-    results = {}
+    results, reports = {}, []
     for name in names:
         spec = DATASETS[name]
         out_dir = output / spec.output if save_masks else None
@@ -190,6 +242,9 @@ def evaluate(model, names: list[str], data_root, overrides: dict, output, option
             results[name] = result
             print(format_table(spec, result), flush=True)
             write_json(results, json_path)
+            if out_dir is not None:
+                reports.append(dataset_report(spec, videos[name], result, out_dir))
+                write_report(output / "report.html", reports, f"DepthFlow test run: {output}")
     return results
 
 
@@ -201,19 +256,25 @@ def main(argv=None):
     parser.add_argument("--dataset-root", help="this dataset's own folder (default DATA_ROOT/<its folder>)")
     parser.add_argument("--results", required=True, help="folder of masks: RESULTS/<video>/<frame>.png")
     parser.add_argument("--json", help="also write the metrics to this file")
+    parser.add_argument("--report", help="the HTML report (default: RESULTS_report.html beside RESULTS)")
     parser.add_argument("--workers", type=int, default=default_workers(), help="scoring processes (default: the "
                                                                              "machine's cores, up to 8)")
     args = parser.parse_args(argv)
     spec = DATASETS[args.dataset]
     root = dataset_root(spec, args.data_root, args.dataset_root)
-    if args.json:
-        check_outside(args.json, [root, args.results], "--json")
+    results = Path(args.results)
+    report = Path(args.report) if args.report else results.parent / f"{results.name}_report.html"
+    for flag, path in (("--json", args.json), ("--report", report)):
+        if path:
+            check_outside(path, [root, results], flag)
     json_path = checked_results_path(args.json) if args.json else None
     videos = scan(spec, root)
     result = score_saved(spec, videos, args.results, workers=args.workers)
     print(format_table(spec, result))
     if json_path:
         write_json({args.dataset: result}, json_path)
+    page = write_report(report, [dataset_report(spec, videos, result, results)], f"Scores of {results}")
+    print(f"report: {page}")
 
 
 if __name__ == "__main__":

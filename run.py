@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(default ce, the reference)")
     s.add_argument("--flip-p", type=float, help="probability of each joint flip (default 0.5)")
     s.add_argument("--selection", choices=SELECTIONS, help="how best.pth is chosen: davis (the reference: the best "
-                                                           "DAVIS 2016 val J&F, the paper's test set) or last")
+                                                           "DAVIS 2016 val J&F, the paper's test set), heldout (a "
+                                                           "tenth of DAVIS 2016 train, never trained on) or last")
     s.add_argument("--val-every", type=int, help="epochs between DAVIS 2016 val scores (default 100)")
     s.add_argument("--seed", type=int, help="default 0")
 
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=10, help="write OUTPUT/last.pth every N epochs")
     t.add_argument("--save-every", type=int, default=1000, help="keep OUTPUT/epoch_N.pth every N epochs; 0: never")
     t.add_argument("--resume", nargs="?", const="last", help="continue OUTPUT/last.pth, or the given file")
+    t.add_argument("--tensorboard", action="store_true", help="also log the figures to OUTPUT/tensorboard "
+                                                              "(needs the tensorboard package)")
 
     parser.add_argument_group("demo").add_argument(
         "--raft-weights", help="torchvision RAFT-Large weights for --demo's flow (default: DIS, no weights)")
@@ -176,7 +179,7 @@ def run_settings(args) -> RunSettings:
                        device_name=args.device, workers=args.workers, amp=args.amp, compile=args.compile,
                        strict_fp32=args.strict_fp32, checkpoint_every=args.checkpoint_every,
                        save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
-                       init_checkpoint=args.checkpoint, pretrained=args.pretrained)
+                       init_checkpoint=args.checkpoint, pretrained=args.pretrained, tensorboard=args.tensorboard)
 
 
 def run_train(args, stop):

@@ -15,7 +15,6 @@ seeded per step, so a resumed run replays exactly what the stopped run would hav
 another number of processes.
 """
 
-import json
 import math
 import random
 import time
@@ -39,11 +38,14 @@ from utils.background import BackgroundWriter, host_copy
 from utils.device import autocast_context, check_compiler
 from utils.errors import UserError, one_line
 from utils.interrupts import Stopped, StopRequests
-from utils.io import check_outside, check_writable, write_text_atomic
+from utils.io import check_outside, check_writable
+from utils.run_log import RunLog
 
 LOG_EVERY = 20  # steps between progress-bar updates (each reads the running figures from the device once)
 RUN_FILES = ("last.pth", "best.pth", "metrics.jsonl")  # an output folder holding one of these holds a run
-SELECTIONS = ("davis", "last")  # how best.pth is chosen (Recipe.selection)
+SELECTIONS = ("davis", "heldout", "last")  # how best.pth is chosen (Recipe.selection)
+# "heldout": this share of DAVIS 2016 train's videos, drawn by the seed, selects best.pth and is never trained on.
+HELDOUT_DATASET, HELDOUT_SHARE = "davis_train", 0.1
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class Recipe:
     backbone: str = "mitb2"
     flip_p: float = 0.5  # joint horizontal and (independently) vertical flips
     loss: str = "ce"  # model.losses
-    selection: str = "davis"  # "davis": best DAVIS 2016 val J&F (the reference); "last": the last epoch
+    selection: str = "davis"  # best.pth by "davis" (DAVIS 2016 val, the reference), "heldout" or "last" epoch
     val_every: int = 100  # epochs between validations ("davis" selection)
     seed: int = 0
 
@@ -98,6 +100,7 @@ class RunSettings:
     overwrite: bool = False
     init_checkpoint: str | None = None  # initial DepthFlow weights (stage 2 starts from stage 1's)
     pretrained: str | None = None  # ImageNet encoder weights
+    tensorboard: bool = False  # also log to OUTPUT/tensorboard
 
 
 def sources_text(sources) -> str:
@@ -232,6 +235,8 @@ def train(recipe: Recipe, settings: RunSettings, stop: StopRequests, given: froz
             run.train()
         finally:
             run.writer.wait()
+            if run.log is not None:
+                run.log.close()
         return run.output
     finally:
         distributed.shutdown(ctx)
@@ -253,10 +258,10 @@ class TrainingRun:
         self.recipe = recipe = replace(recipe, backbone=model.backbone, size=model.size)
         if recipe.batch_size % ctx.world_size:
             raise UserError(f"--batch-size {recipe.batch_size} must be divisible by the {ctx.world_size} processes")
-        self.sources = [Source(DATASETS[n], self._scan(n), k) for n, k in recipe.sources]
-        self.val_videos = self._scan(VALIDATION_DATASET) if recipe.selection == "davis" else None
+        self.val_spec, self.val_videos = self._selection_videos()
+        self.sources = [Source(DATASETS[n], self._unselected(self._scan(n)), k) for n, k in recipe.sources]
         check_outside(self.output, [self._root(n) for n, _ in recipe.sources] +
-                    ([self._root(VALIDATION_DATASET)] if self.val_videos else []), "--output")
+                      ([self._root(self.val_spec.name)] if self.val_videos else []), "--output")
         self._check_disjoint()
         if state is None:
             self._claim_output()  # last of the checks: an earlier run that --overwrite replaces goes only now
@@ -278,6 +283,9 @@ class TrainingRun:
             self._restore(state)
         self.data = TrainingFrames(self.sources, size=recipe.size, seed=recipe.seed, flip_p=recipe.flip_p)
         self.batches = GlobalBatches(len(self.data), recipe.batch_size, recipe.seed, ctx)
+        self.log = RunLog(self.output, settings.tensorboard) if ctx.is_main else None
+        if self.log is not None and state is not None:
+            self.log.trim(self.start_epoch)
 
     def _root(self, name: str) -> Path:
         return dataset_root(DATASETS[name], self.settings.data_root, self.settings.dataset_roots.get(name))
@@ -285,18 +293,36 @@ class TrainingRun:
     def _scan(self, name: str):
         return scan(DATASETS[name], self._root(name))
 
+    def _selection_videos(self):
+        """(dataset, videos) that pick best.pth: DAVIS 2016 val, a held-out share of DAVIS 2016 train, or none."""
+        selection = self.recipe.selection
+        if selection == "davis":
+            return DATASETS[VALIDATION_DATASET], self._scan(VALIDATION_DATASET)
+        if selection == "heldout":
+            videos = self._scan(HELDOUT_DATASET)
+            count = max(1, round(HELDOUT_SHARE * len(videos)))
+            chosen = set(random.Random(f"heldout/{self.recipe.seed}").sample(range(len(videos)), count))
+            return DATASETS[HELDOUT_DATASET], [v for i, v in enumerate(videos) if i in chosen]
+        return None, None
+
+    def _unselected(self, videos):
+        """A source's videos without those that select best.pth (the held-out ones)."""
+        if self.recipe.selection != "heldout":
+            return videos
+        held = {_folder(v) for v in self.val_videos}
+        return [v for v in videos if _folder(v) not in held]
+
     def _check_disjoint(self) -> None:
         """No video that selects best.pth may be trained on (a split list naming a val video, say)."""
         if self.val_videos is None:
             return
-        val = DATASETS[VALIDATION_DATASET]
-        selecting = {v.frames[0].image.parent.resolve(): v.key for v in self.val_videos}
+        selecting = {_folder(v) for v in self.val_videos}
         for source in self.sources:
             for video in source.videos:
-                if video.frames[0].image.parent.resolve() in selecting:
-                    raise UserError(f"{source.spec.title} holds {video.key}, a video of {val.title}, which picks "
-                                    f"best.pth ({video.frames[0].image.parent}); the training and validation "
-                                    "videos must be disjoint")
+                if _folder(video) in selecting:
+                    raise UserError(f"{source.spec.title} holds {video.key}, a video of {self.val_spec.title}, "
+                                    f"which picks best.pth ({video.frames[0].image.parent}); the training and "
+                                    "validation videos must be disjoint")
 
     def _resume_state(self, recipe: Recipe) -> dict | None:
         """The checkpoint to continue, checked against the given recipe fields; or None for a fresh run in an
@@ -360,15 +386,6 @@ class TrainingRun:
         self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.start_step, self.best = state["epoch"], state["step"], state["best"]
         self.figures_state = state.get("figures") if self.start_step else None
-        if self.ctx.is_main:
-            self._trim_log(self.start_epoch)
-
-    def _trim_log(self, epochs_done: int) -> None:
-        """Drop log lines of epochs after the checkpoint: they are about to be trained again."""
-        log = self.output / "metrics.jsonl"
-        if log.is_file():
-            kept = [line for line in log.read_text().splitlines() if _logged_epoch(line) <= epochs_done]
-            write_text_atomic("".join(line + "\n" for line in kept), log)
 
     def save(self, name: str, epoch: int, step: int, figures: EpochFigures | None = None) -> None:
         """Write OUTPUT/name in the background (rank 0): a host copy is taken first, so training goes on at
@@ -393,12 +410,7 @@ class TrainingRun:
                 print(f"{self.resume_path} has finished all {recipe.epochs} epochs; nothing to do")
             return
         if ctx.is_main:
-            how = {"davis": f"the best DAVIS 2016 val J&F, every {recipe.val_every} epochs (the reference; DAVIS "
-                            "2016 val is also the paper's test set)",
-                   "last": "the last epoch (no validation)"}[recipe.selection]
-            print(f"training {sources_text(recipe.sources)} for {recipe.epochs} epochs; best.pth: {how}")
-            if self.settings.resume:
-                print(f"resuming from {self.resume_path}: epoch {self.start_epoch + 1}, step {self.start_step}")
+            self._announce()
         plan = self.batches.plan(self.start_epoch, self.start_step, recipe.epochs)
         loader = loading.data_loader(self.data, plan, self.settings.workers, pin_memory=ctx.device.type == "cuda")
         batches = loading.batches(loader, lambda k: "epoch {}, step {}".format(*_shown(plan.position(k))))
@@ -406,6 +418,21 @@ class TrainingRun:
             self._epoch(epoch, batches, self.start_step if epoch == self.start_epoch else 0)
         self.writer.wait()
         distributed.check_in_sync(self.model, ctx)
+
+    def _announce(self) -> None:
+        """Say, and log in run.json, what this run is and how it picks best.pth."""
+        recipe = self.recipe
+        held = sorted(v.key for v in self.val_videos) if recipe.selection == "heldout" else []
+        how = {"davis": f"the best DAVIS 2016 val J&F, every {recipe.val_every} epochs (the reference; DAVIS 2016 "
+                        "val is also the paper's test set)",
+               "heldout": f"the best J&F of {len(held)} held-out DAVIS 2016 train videos, never trained on, every "
+                          f"{recipe.val_every} epochs ({', '.join(held)})",
+               "last": "the last epoch (no validation)"}[recipe.selection]
+        print(f"training {sources_text(recipe.sources)} for {recipe.epochs} epochs; best.pth: {how}")
+        if self.settings.resume:
+            print(f"resuming from {self.resume_path}: epoch {self.start_epoch + 1}, step {self.start_step}")
+        self.log.start({"recipe": _recipe_record(recipe), "selection": how, "heldout_videos": held,
+                        "processes": self.ctx.world_size})
 
     def _epoch(self, epoch: int, batches, skip: int) -> None:
         self.net.train()
@@ -498,16 +525,18 @@ class TrainingRun:
     def _end_of_epoch(self, epoch: int, figures: EpochFigures, start: float) -> None:
         recipe, settings, ctx = self.recipe, self.settings, self.ctx
         steps = self.batches.steps_per_epoch
-        record = {"epoch": epoch + 1, **self._finite(figures.read(), epoch, steps), "lr": recipe.lr}
-        if recipe.selection == "davis" and (epoch + 1) % recipe.val_every == 0:
+        record = {"epoch": epoch + 1, **self._finite(figures.read(), epoch, steps), "lr": recipe.lr,
+                  "selection": recipe.selection}
+        if self.val_videos is not None and (epoch + 1) % recipe.val_every == 0:
             options = InferenceOptions(ctx.device, batch_size=max(1, recipe.batch_size // ctx.world_size),
                                        workers=settings.workers, amp=settings.amp)
-            result = evaluate_dataset(Segmenter(self.model, options), DATASETS[VALIDATION_DATASET],
-                                      self.val_videos, progress=False, ctx=ctx)
+            result = evaluate_dataset(Segmenter(self.model, options), self.val_spec, self.val_videos,
+                                      progress=False, ctx=ctx)
             if ctx.is_main:
-                record["davis_jf"] = result["metrics"]["J&F-Mean"]
-                if record["davis_jf"] > self.best:
-                    self.best = record["davis_jf"]
+                key = f"{recipe.selection}_jf"  # davis_jf or heldout_jf
+                record[key] = result["metrics"]["J&F-Mean"]
+                if record[key] > self.best:
+                    self.best = record[key]
                     self.save("best.pth", epoch + 1, 0)
         if recipe.selection == "last" and epoch + 1 == recipe.epochs:
             self.save("best.pth", epoch + 1, 0)
@@ -518,8 +547,7 @@ class TrainingRun:
         if ctx.is_main:
             seconds = time.time() - start  # the whole epoch: steps, validation and taking the checkpoints' copies
             record.update(seconds=round(seconds, 2), samples_per_s=round(len(self.data) / seconds, 2))
-            with open(self.output / "metrics.jsonl", "a") as log:
-                log.write(json.dumps(record) + "\n")
+            self.log.epoch(record)
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
 
@@ -535,10 +563,7 @@ def _recipe_record(recipe: Recipe) -> dict:
     return record
 
 
-def _logged_epoch(line: str) -> float:
-    """The epoch of a metrics.jsonl line; a line cut short by a kill counts as after every epoch (dropped)."""
-    try:
-        return json.loads(line)["epoch"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return float("inf")
+def _folder(video) -> Path:
+    """Where a video's frames are: the identity of a video across dataset lists."""
+    return video.frames[0].image.parent.resolve()
 

@@ -22,7 +22,7 @@ from dataset import DATASETS, scan
 from inference import InferenceOptions, Segmenter
 from model.checkpoints import load_depthflow, save_project_checkpoint
 from model.depthflow import DepthFlow, class_masks
-from utils.device import configure_gpu
+from utils.device import configure
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -55,7 +55,7 @@ def _frames():
 def tf32(enabled: bool):
     """The project's precision policy, TF32 (the default) or strict float32."""
     saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
-    configure_gpu(CUDA, strict_fp32=not enabled)
+    configure(CUDA, strict_fp32=not enabled)
     try:
         yield
     finally:

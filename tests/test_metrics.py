@@ -163,4 +163,51 @@ def test_j_summary_skips_empty_and_unannotated_and_averages_classes():
     out = j_summary(scores, {"car/1": "car", "car/2": "car", "dog/1": "dog"})
     assert out["sequences"] == {"car/1": 0.5, "car/2": 1.0, "dog/1": 0.2}
     assert out["classes"] == {"car": pytest.approx(0.75), "dog": pytest.approx(0.2)}
+    assert out["metrics"]["J-Mean over classes"] == pytest.approx((0.75 + 0.2) / 2)
     assert out["metrics"]["J-Mean"] == pytest.approx((0.5 + 1.0 + 0.2) / 3)
+
+
+def _toolkit_decay(values, edge_type):
+    """db_statistics' Decay, with its bin edges cast to `edge_type` (the toolkit casts them to uint8)."""
+    values = np.asarray(values, np.float64)
+    ids = (np.round(np.linspace(1, len(values), 5) + 1e-10) - 1).astype(edge_type)
+    bins = [values[ids[i]:ids[i + 1] + 1] for i in range(4)]
+    return np.nanmean(bins[0]) - np.nanmean(bins[3])
+
+
+@pytest.mark.parametrize("frames", [3, 50, 104, 255])
+def test_decay_is_the_toolkits_up_to_255_frames(frames):
+    values = np.random.default_rng(frames).random(frames)
+    assert sequence_statistics(values)[2] == _toolkit_decay(values, np.uint8)
+
+
+def test_decay_of_a_long_sequence_uses_its_own_quarters():
+    """600 frames (Long-Videos' are thousands): the toolkit's uint8 edges wrap; the first quarter minus the last."""
+    values = np.linspace(1.0, 0.0, 600)  # a steady decline: Decay is the mean of the first quarter minus the last
+    decay = sequence_statistics(values)[2]
+    assert decay == pytest.approx(np.mean(values[:151]) - np.mean(values[449:]))
+    assert decay == pytest.approx(0.75, abs=0.01)
+    assert decay != pytest.approx(_toolkit_decay(values, np.uint8), abs=0.01)
+
+
+def test_every_figure_of_a_j_dataset_names_its_protocol(toy_root):
+    """FBMS-like sets: the authors' J, and J, F and J&F with the DAVIS rules on the annotated frames;
+    YouTube-Objects also the mean over classes."""
+    import evaluator
+    from dataset import DATASETS, scan
+
+    videos = scan(DATASETS["ytobj"], toy_root / "YTOBJ")
+    scores = {v.key: [FrameScore(i, f.mask is not None, False, 0.5 if f.mask is not None else float("nan"),
+                                 0.25 if f.mask is not None else float("nan")) for i, f in enumerate(v.frames)]
+              for v in videos}
+    scores[videos[0].key] = [FrameScore(0, True, False, 1.0, 1.0)]
+    result = evaluator.summarise(DATASETS["ytobj"], videos, scores)
+    metrics = result["metrics"]
+    assert metrics["J-Mean"] == pytest.approx((1.0 + 0.5 * 10) / 11)
+    assert metrics["J-Mean over classes"] == pytest.approx((0.75 + 0.5 * 9) / 10)
+    assert metrics["J-Mean (DAVIS rules)"] == pytest.approx(metrics["J-Mean"])
+    assert metrics["F-Mean (DAVIS rules)"] == pytest.approx((1.0 + 0.25 * 10) / 11)
+    assert metrics["J&F-Mean (DAVIS rules)"] == pytest.approx((metrics["J-Mean"] + metrics["F-Mean (DAVIS rules)"]) / 2)
+    assert set(result["protocols"]) == set(metrics)
+    assert "authors" in result["protocols"]["J-Mean"] and "class means" in result["protocols"]["J-Mean over classes"]
+    assert all("DAVIS rules" in result["protocols"][k] for k in metrics if k.endswith("(DAVIS rules)"))

@@ -246,3 +246,79 @@ def test_ctrl_c_saves_a_resumable_checkpoint(toy_root, tmp_path):
     assert "stopped: saved" in stderr and "Traceback" not in stderr
     state = read_project_checkpoint(out / "last.pth")
     assert (state["epoch"], state["step"]) > (0, 0) and state["epoch"] < 50
+
+
+def test_held_out_selection_never_trains_on_its_videos(toy_root, tmp_path, capsys):
+    """--selection heldout: a seeded tenth of DAVIS 2016 train picks best.pth and is never sampled; the run
+    says so at its start and records it in run.json, metrics.jsonl and its checkpoints."""
+    from dataclasses import replace
+
+    from trainer import STAGES, RunSettings, TrainingRun
+    from utils import distributed
+
+    recipe = replace(STAGES[2], sources=(("duts", 8), ("davis_train", 16)), epochs=2, batch_size=4, size=32,
+                     backbone="mitb0", selection="heldout", val_every=1, lr=1e-4)
+    settings = RunSettings(output=tmp_path / "t", data_root=str(toy_root), dataset_roots={}, device_name="cpu")
+    run_ = TrainingRun(recipe, settings, distributed.init("cpu"), StopRequests())
+    held = {v.frames[0].image.parent for v in run_.val_videos}
+    assert len(held) == 1 and {v.key for v in run_.val_videos} <= {"davis_train_00", "davis_train_01"}
+    sampled = {run_.data.frame_for(key).image.parent for epoch in range(recipe.epochs)
+               for batch in run_.batches.epoch(epoch) for key in batch}
+    assert sampled and not sampled & held
+    assert any("davis_train" in str(p) for p in sampled)  # the other DAVIS train video is still trained on
+    capsys.readouterr()
+    run_.train()
+    out = capsys.readouterr().out
+    assert "best.pth: the best J&F of 1 held-out DAVIS 2016 train videos, never trained on" in out
+    log = [json.loads(line) for line in (tmp_path / "t/metrics.jsonl").read_text().splitlines()]
+    assert all(r["selection"] == "heldout" and "heldout_jf" in r for r in log)
+    record = json.loads((tmp_path / "t/run.json").read_text())
+    assert record["recipe"]["selection"] == "heldout" and len(record["heldout_videos"]) == 1 and record["code"]
+    assert read_project_checkpoint(tmp_path / "t/best.pth")["recipe"]["selection"] == "heldout"
+
+
+def test_tensorboard_logs_the_epoch_figures(toy_root, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(_small_args(toy_root, tmp_path / "t", "--tensorboard", "--selection", "davis", "--val-every", "1"))
+    events = EventAccumulator(str(tmp_path / "t/tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "iou", "lr", "davis_jf", "samples_per_s"} <= tags
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    log = [json.loads(line) for line in (tmp_path / "t/metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in log], rel=1e-6)
+
+
+def test_tensorboard_without_its_package_is_one_line(toy_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
+    code, _, err = run_main(run.main, *map(str, ["--train", "--backbone", "mitb0", "--size", "32", "--stage", "2",
+                                                 "--datasets", "duts:8", "--batch-size", "4", "--epochs", "1",
+                                                 "--selection", "last", "--device", "cpu", "--data-root", toy_root,
+                                                 "--output", tmp_path / "t", "--tensorboard"]), capsys=capsys)
+    assert_one_line_error(code, err, "--tensorboard needs the tensorboard package", "pip install tensorboard")
+
+
+def test_the_report_shows_every_sequence_and_the_worst_ones(trained, toy_root, tmp_path, capsys):
+    """report.html after --test: per dataset the figures with their protocols, every sequence worst first, and
+    strips of the worst sequences' frames, their pictures beside the page."""
+    out = tmp_path / "eval"
+    code, _, err = run_main(run.main, "--test", "--checkpoint", trained / "best.pth", "--data-root", toy_root,
+                            "--datasets", "davis,ytobj", "--output", out, "--device", "cpu", capsys=capsys)
+    assert code == 0, err
+    page = (out / "report.html").read_text()
+    results = json.loads((out / "results.json").read_text())
+    for name in ("davis", "ytobj"):
+        assert DATASETS[name].title in page
+        for sequence in results[name]["sequences"]:
+            assert f"<td>{sequence}</td>" in page
+    davis = results["davis"]["sequences"]
+    worst = min(davis, key=lambda k: davis[k]["J-Mean"])
+    assert page.index(f"<td>{worst}</td>") < page.index(f"<td>{max(davis, key=lambda k: davis[k]['J-Mean'])}</td>")
+    pictures = sorted((out / "report_files").rglob("*.jpg"))
+    assert len(pictures) == 2 * 4 + 3 * 4 and all(f'src="{p.relative_to(out).as_posix()}"' in page for p in pictures)
+    assert "the DAVIS rules on the annotated frames" in page and "class means" in page
+    code, stdout, err = run_main(evaluator.main, "--dataset", "davis", "--data-root", toy_root, "--results",
+                                 out / "DAVIS16_val", capsys=capsys)
+    assert code == 0 and (out / "DAVIS16_val_report.html").is_file(), err

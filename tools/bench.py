@@ -35,7 +35,7 @@ from model import DepthFlow
 from model.depthflow import class_masks
 from model.losses import cross_entropy
 from model.winograd import winograd_available
-from utils.device import autocast_context, configure_gpu, resolve_device
+from utils.device import autocast_context, configure, resolve_device
 from utils.errors import ArgumentParser, cli_entry
 from utils.io import write_text_atomic
 
@@ -192,7 +192,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.frame_size = tuple(int(v) for v in args.frame_size.split("x"))
     device = resolve_device(args.device)
-    configure_gpu(device)
+    configure(device)
     root = Path(tempfile.mkdtemp(prefix="depthflow-bench-"))
     try:
         from tools.toydata import generate

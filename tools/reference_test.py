@@ -71,7 +71,7 @@ def main(argv=None):
         for mask, frame in zip(masks, video.frames):
             save_image(torch.from_numpy(mask).float(), Path(args.output) / video.key / f"{frame.stem}.png")
         # The DAVIS rules: the first and the last frame do not count.
-        scores[video.key] = [score_frame(i, masks[i], read_mask(video.frames[i].mask, spec.mask_rule), True)
+        scores[video.key] = [score_frame(i, masks[i], read_mask(video.frames[i].mask, spec.mask_rule))
                              for i in range(1, len(masks) - 1)]
     result = davis_summary(scores)
     frames = sum(len(v.frames) for v in videos)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from utils.device import configure_gpu, resolve_device
+from utils.device import configure, resolve_device
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ def init(device_name: str, strict_fp32: bool = False) -> Context:
     launched by torchrun (NCCL on GPU, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device_name)
-    configure_gpu(device, strict_fp32)
+    configure(device, strict_fp32)
     if world_size == 1:
         return Context(0, 1, device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))

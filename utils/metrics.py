@@ -3,7 +3,8 @@
 DAVIS 2016: per-frame J (region IoU) and F (boundary F-measure), first and last frame of each sequence
 dropped, per-sequence Mean / Recall / Decay with the toolkit's rules, dataset figures averaged over
 sequences. FBMS, YouTube-Objects and Long-Videos: J on frames whose ground truth is non-empty, averaged per
-sequence and then over sequences (README, 'Metrics').
+sequence and then over sequences, as the authors' code reports them; beside it J, F and J&F with the DAVIS
+rules on the annotated frames, as other papers report these sets (docs/evaluation.md).
 """
 
 import math
@@ -94,9 +95,9 @@ def sequence_statistics(values) -> tuple[float, float, float]:
         warnings.simplefilter("ignore", category=RuntimeWarning)
         mean = np.nanmean(values)
         recall = np.nanmean(values > 0.5)
-        # Four bins as the toolkit cuts them, including its cast of the bin edges to uint8 (which wraps for
-        # sequences longer than 256 frames; kept so that results equal the toolkit's on any input).
-        ids = (np.round(np.linspace(1, len(values), 5) + 1e-10) - 1).astype(np.uint8)
+        # Four bins as the toolkit cuts them, but for its cast of the bin edges to uint8, which wraps for
+        # sequences of 256 frames or more (Long-Videos'): up to 255 frames the values are the toolkit's.
+        ids = (np.round(np.linspace(1, len(values), 5) + 1e-10) - 1).astype(np.int64)
         bins = [values[ids[i]:ids[i + 1] + 1] for i in range(4)]
         decay = np.nanmean(bins[0]) - np.nanmean(bins[3])
     return float(mean), float(recall), float(decay)
@@ -108,13 +109,14 @@ class FrameScore:
     annotated: bool
     gt_empty: bool
     j: float
-    f: float | None = None
+    f: float = float("nan")
 
 
-def score_frame(index: int, pred: np.ndarray, gt: np.ndarray | None, boundary: bool) -> FrameScore:
+def score_frame(index: int, pred: np.ndarray, gt: np.ndarray | None) -> FrameScore:
+    """J and F of one frame; NaN for a frame without ground truth."""
     if gt is None:
-        return FrameScore(index, False, True, float("nan"))
-    return FrameScore(index, True, not gt.any(), jaccard(pred, gt), f_measure(pred, gt) if boundary else None)
+        return FrameScore(index, False, True, float("nan"), float("nan"))
+    return FrameScore(index, True, not gt.any(), jaccard(pred, gt), f_measure(pred, gt))
 
 
 def davis_summary(sequences: dict[str, list[FrameScore]]) -> dict:
@@ -134,10 +136,11 @@ def davis_summary(sequences: dict[str, list[FrameScore]]) -> dict:
 
 
 def j_summary(sequences: dict[str, list[FrameScore]], groups: dict[str, str] | None = None) -> dict:
-    """Mean J over annotated frames with non-empty ground truth, per sequence, then over sequences.
+    """The authors' figure: mean J over annotated frames with non-empty ground truth, per sequence, then over
+    sequences.
 
-    With `groups` (sequence -> class, YouTube-Objects), also the mean per class; the total stays the mean
-    over all sequences, not over classes.
+    With `groups` (sequence -> class, YouTube-Objects), also the mean per class, and the mean of the class
+    means (how other papers report YouTube-Objects); "J-Mean" stays the mean over sequences.
     """
     per_sequence = {}
     for name, scores in sequences.items():
@@ -149,4 +152,5 @@ def j_summary(sequences: dict[str, list[FrameScore]], groups: dict[str, str] | N
         classes = sorted({groups[name] for name in per_sequence})
         result["classes"] = {c: float(np.mean([v for n, v in per_sequence.items() if groups[n] == c]))
                              for c in classes}
+        result["metrics"]["J-Mean over classes"] = float(np.mean(list(result["classes"].values())))
     return result
