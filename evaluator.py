@@ -256,14 +256,16 @@ def main(argv=None):
     parser.add_argument("--dataset-root", help="this dataset's own folder (default DATA_ROOT/<its folder>)")
     parser.add_argument("--results", required=True, help="folder of masks: RESULTS/<video>/<frame>.png")
     parser.add_argument("--json", help="also write the metrics to this file")
-    parser.add_argument("--report", help="the HTML report (default: RESULTS_report.html beside RESULTS)")
+    parser.add_argument("--report", help="the HTML report (default: <RESULTS folder name>_report.html beside --json, "
+                                         "or in the current folder)")
     parser.add_argument("--workers", type=int, default=default_workers(), help="scoring processes (default: the "
                                                                              "machine's cores, up to 8)")
     args = parser.parse_args(argv)
     spec = DATASETS[args.dataset]
     root = dataset_root(spec, args.data_root, args.dataset_root)
     results = Path(args.results)
-    report = Path(args.report) if args.report else results.parent / f"{results.name}_report.html"
+    report = Path(args.report) if args.report else \
+        (Path(args.json).parent if args.json else Path.cwd()) / f"{results.name}_report.html"
     for flag, path in (("--json", args.json), ("--report", report)):
         if path:
             check_outside(path, [root, results], flag)

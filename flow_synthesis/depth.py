@@ -1,5 +1,5 @@
-"""Where the synthesis gets depth: an estimator (DPT-Hybrid, the paper's; DPT-Large) or maps the user
-made, and the cache that keeps every estimated map.
+"""Where the synthesis gets depth: an estimator (DPT-Hybrid, the paper's; DPT-Large; Depth Anything V2) or
+maps the user made, and the cache that keeps every estimated map.
 
 Every source gives relative inverse depth (larger = nearer) at the image's size, and has a `name` that the
 synthesis records. Estimated maps are kept in a DepthCache: a new set of conversion parameters then costs
@@ -16,10 +16,13 @@ from PIL import Image
 from utils.errors import UserError
 from utils.io import atomic_path, image_is_complete, read_image, save_image_atomic
 
-# name -> (module, the official weight files)
+# --depth-model name -> the official weight file
 DEPTH_MODELS = {
-    "dpt-hybrid": ("flow_synthesis.dpt", "dpt_hybrid-midas-501f0c75.pt"),
-    "dpt-large": ("flow_synthesis.dpt", "dpt_large-midas-2f21e586.pt"),
+    "dpt-hybrid": "dpt_hybrid-midas-501f0c75.pt",
+    "dpt-large": "dpt_large-midas-2f21e586.pt",
+    "depth-anything-v2-small": "depth_anything_v2_vits.pth",
+    "depth-anything-v2-base": "depth_anything_v2_vitb.pth",
+    "depth-anything-v2-large": "depth_anything_v2_vitl.pth",
 }
 
 
@@ -79,7 +82,11 @@ class ModelDepth:
             from flow_synthesis.dpt import load_dpt, predict_depth
 
             self.model = load_dpt(weights, model_name.removeprefix("dpt-")).to(device)
-            self._predict = predict_depth
+        else:
+            from flow_synthesis.depth_anything import load_depth_anything, predict_depth
+
+            self.model = load_depth_anything(weights, model_name.removeprefix("depth-anything-v2-")).to(device)
+        self._predict = predict_depth
         self.device = device
         self.name = f"{model_name} ({Path(weights).name})"
 

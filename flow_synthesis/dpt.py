@@ -88,11 +88,13 @@ class FusionBlock(nn.Module):
         self.resConfUnit2 = ResidualConvUnit(features)
         self.out_conv = nn.Conv2d(features, features, 1)
 
-    def forward(self, x, skip=None):
+    def forward(self, x, skip=None, size=None):
+        """`size`: the resolution to resample to (Depth Anything's head); by default twice the input's."""
         if skip is not None:
             x = x + self.resConfUnit1(skip)
         x = self.resConfUnit2(x)
-        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+        resample = {"size": size} if size is not None else {"scale_factor": 2}
+        x = F.interpolate(x, **resample, mode="bilinear", align_corners=True)
         return self.out_conv(x)
 
 
@@ -200,17 +202,24 @@ def preprocess(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy((image - 0.5) / 0.5).permute(2, 0, 1).contiguous()
 
 
+def by_size(images: list[np.ndarray], predict) -> list[np.ndarray]:
+    """`predict(same_size_images)` once per image size, each image's result in the input order."""
+    outputs = [None] * len(images)
+    groups = {}
+    for i, rgb in enumerate(images):
+        groups.setdefault(rgb.shape[:2], []).append(i)
+    for indices in groups.values():
+        for i, result in zip(indices, predict([images[i] for i in indices])):
+            outputs[i] = result
+    return outputs
+
+
 @torch.inference_mode()
 def predict_depth(model: DPT, images: list[np.ndarray], device) -> list[np.ndarray]:
     """Relative inverse depth at each image's own size (bicubic). Same-size images are batched."""
-    outputs = [None] * len(images)
-    by_size = {}
-    for i, rgb in enumerate(images):
-        by_size.setdefault(rgb.shape[:2], []).append(i)
-    for (h, w), indices in by_size.items():
-        batch = torch.stack([preprocess(images[i]) for i in indices]).to(device)
-        depth = model(batch).unsqueeze(1).float()
-        depth = F.interpolate(depth, size=(h, w), mode="bicubic", align_corners=False).squeeze(1).cpu().numpy()
-        for i, d in zip(indices, depth):
-            outputs[i] = d
-    return outputs
+    def predict(batch_images):
+        h, w = batch_images[0].shape[:2]
+        depth = model(torch.stack([preprocess(rgb) for rgb in batch_images]).to(device)).unsqueeze(1).float()
+        return F.interpolate(depth, size=(h, w), mode="bicubic", align_corners=False).squeeze(1).cpu().numpy()
+
+    return by_size(images, predict)

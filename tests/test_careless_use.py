@@ -21,7 +21,7 @@ from flow_synthesis.__main__ import main as synth_main
 from flow_synthesis.video_flow import main as flow_main
 from model import DepthFlow
 from model.checkpoints import read_project_checkpoint, save_project_checkpoint
-from tests.conftest import ROOT, assert_one_line_error, children, ctrl_c_once, run_main
+from tests.conftest import ROOT, assert_one_line_error, children, ctrl_c_once, hearing_ctrl_c, run_main
 from trainer import GlobalBatches
 from utils import distributed
 from utils.interrupts import StopRequests
@@ -64,6 +64,7 @@ def test_a_test_set_is_not_a_training_source(toy_root, tmp_path, check, name):
           expect=[f"{name!r} is not a training set", "test set", "davis_train"])
 
 
+@pytest.mark.slow
 def test_an_output_folder_holding_a_run_is_not_mixed_with_another(toy_root, tmp_path, check):
     out = tmp_path / "run"
     assert run.main(list(map(str, _train_args(toy_root, out, "--epochs", "1")))) is None
@@ -77,6 +78,7 @@ def test_an_output_folder_holding_a_run_is_not_mixed_with_another(toy_root, tmp_
     assert read_project_checkpoint(out / "last.pth")["recipe"]["seed"] == 5
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_batches_and_weights_only_files(toy_root, tmp_path, check):
     out = tmp_path / "run"
     assert run.main(list(map(str, _train_args(toy_root, out, "--epochs", "1")))) is None
@@ -107,6 +109,7 @@ def _first_use_of_each_flow(source, epochs: int) -> dict:
     return first
 
 
+@pytest.mark.slow
 def test_a_corrupt_file_found_mid_training_keeps_the_work_done(toy_copy, tmp_path, check):
     """The flow first read latest in the run is truncated: the run stops with one line, last.pth holds every
     finished step (checkpoints were otherwise due only at the end), and --resume after the repair ends where
@@ -146,6 +149,7 @@ def test_training_stops_in_one_line_when_loader_processes_cannot_start(toy_root,
     assert read_project_checkpoint(out / "last.pth")["step"] == 0
 
 
+@pytest.mark.slow
 def test_training_stops_in_one_line_when_a_loader_process_dies(toy_root, tmp_path):
     """A loader process killed as the kernel's out-of-memory killer would: one line, the finished steps saved."""
     out = tmp_path / "t"
@@ -153,8 +157,9 @@ def test_training_stops_in_one_line_when_a_loader_process_dies(toy_root, tmp_pat
                                                                              "--epochs", "500"))],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+    while not _with_loaders(proc.pid) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
+    time.sleep(1)  # a few steps in
     loaders = [p for server in children(proc.pid) for p in children(server)]
     assert loaders, "no loader process found"
     os.kill(loaders[0], signal.SIGKILL)
@@ -163,6 +168,7 @@ def test_training_stops_in_one_line_when_a_loader_process_dies(toy_root, tmp_pat
                           "lower --workers", f"saved {out / 'last.pth'}", "--resume")
 
 
+@pytest.mark.slow
 def test_a_corrupt_file_one_process_reads_stops_every_process(toy_copy, tmp_path):
     """Under torchrun, a truncated flow that only rank 1 reads: both processes stop at once with its one
     line (rank 0 does not wait in the step's all-reduce), and rank 0 saves the finished steps."""
@@ -204,6 +210,7 @@ def test_training_data_of_mismatched_sizes_stops(toy_copy, tmp_path, check):
           expect=["mask", "is 48x32, its frame", "is 96x64", "expected equal sizes"])
 
 
+@pytest.mark.slow
 def test_resume_log_has_no_repeated_epochs(toy_root, tmp_path):
     """Resuming from an earlier snapshot drops the log lines of the epochs it trains again."""
     out = tmp_path / "run"
@@ -216,6 +223,7 @@ def test_resume_log_has_no_repeated_epochs(toy_root, tmp_path):
     assert epochs == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one_and_resume_in_one(toy_root, tmp_path):
     """DDP with 2 CPU processes: epoch 1 ends where one process's epoch 1 ends, with the same logged figures
     (those of whole global batches, not rank 0's share); epoch 2, resumed in one process from the snapshot
@@ -335,6 +343,7 @@ def test_depth_maps_that_are_not_plain_numbers(toy_root, tmp_path, check, conten
           expect=[str(npy), "not a plain numeric" if content == "object" else "NaN"])
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_test_keeps_the_finished_datasets(tmp_path):
     from tools.toydata import generate
 
@@ -411,6 +420,7 @@ def test_toy_data_never_lands_on_real_data(tmp_path, check):
     assert toydata_main([str(toy), "--datasets", "davis", "--overwrite"]) is None
 
 
+@pytest.mark.slow
 def test_outputs_never_land_on_inputs(toy_copy, tmp_path, check):
     frames = tmp_path / "out/frames"
     shutil.copytree(toy_copy / "LVID/JPEGImages/lvid_00", frames)
@@ -468,6 +478,7 @@ def test_flag_values_that_cannot_be_honoured_are_one_line(toy_root, tmp_path, ch
     check(run.main, *argv, *flags, expect=[expect])
 
 
+@pytest.mark.slow
 def test_a_finished_run_resumed_has_nothing_to_do_and_a_resumed_epoch_is_logged_whole(toy_root, tmp_path, capsys):
     """Stopped mid-epoch and resumed, the epoch's logged loss is the whole epoch's, as in an uninterrupted run."""
     from tests.test_train_eval import StopAfter
@@ -488,8 +499,9 @@ def test_a_finished_run_resumed_has_nothing_to_do_and_a_resumed_epoch_is_logged_
 
 def _start(args, ready):
     """Start a project command in its own process group and wait until `ready(pid)` holds."""
-    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    with hearing_ctrl_c():
+        proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not ready(proc.pid):
         time.sleep(0.05)
@@ -508,11 +520,14 @@ def _with_loaders(pid):
     return any(children(server) for server in children(pid))
 
 
-@pytest.mark.parametrize("command", ["test", "train"])
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.slow
+@pytest.mark.parametrize(("command", "sig"), [("test", signal.SIGKILL), ("test", signal.SIGTERM),
+                                             ("train", signal.SIGKILL), ("train", signal.SIGTERM),
+                                             ("train", signal.SIGINT)])
 def test_a_killed_run_leaves_no_process_behind(toy_root, tmp_path, command, sig):
     """SIGKILL or SIGTERM (SLURM, docker stop, timeout) of the program: every process it started ends within
-    seconds; SIGTERM also ends in one line and exit code 143, training having saved its finished steps."""
+    seconds; SIGTERM ends in one line and exit code 143, Ctrl-C (SIGINT) in 130, training having saved its
+    finished steps in a checkpoint it can resume from."""
     from tests.conftest import descendants
     from tools.toydata import generate
 
@@ -530,7 +545,12 @@ def test_a_killed_run_leaves_no_process_behind(toy_root, tmp_path, command, sig)
     while time.time() < deadline and any(map(_alive, started)):
         time.sleep(0.2)
     assert not [p for p in started if _alive(p)]
-    if sig == signal.SIGTERM:
-        assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
+    if sig != signal.SIGKILL:
+        assert proc.returncode == 128 + sig and "Traceback" not in err, err[-2000:]
         lines = [line for line in err.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("stopped: saved" if command == "train" else "error: terminated")
+        assert len(lines) == 1, err
+        if command == "train":
+            assert lines[0].startswith("stopped: saved") and "--resume" in lines[0]
+            assert read_project_checkpoint(tmp_path / "t/last.pth")["epoch"] < 500
+        else:
+            assert lines[0].startswith("error: terminated")

@@ -35,6 +35,7 @@ def released(tmp_path_factory):
     return make
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["mitb0", "mitb1", "mitb2"])
 def test_released_checkpoint_reproduces_reference_at_512(released, backbone):
     ref, path = released(backbone)
@@ -58,6 +59,7 @@ def test_dataparallel_prefix_and_fakeflow_name(released, tmp_path):
         torch.testing.assert_close(model(image, image), ref(image, image), atol=1e-3, rtol=0)
 
 
+@pytest.mark.slow
 def test_convert_round_trip_is_exact(released, tmp_path, capsys):
     ref, path = released("mitb0")
     project, back = tmp_path / "project.pth", tmp_path / "back.pth"
@@ -121,6 +123,7 @@ def test_pretrained_backbone_mismatch(tmp_path):
         load_pretrained(DepthFlow("mitb0", size=64), path)
 
 
+@pytest.mark.slow
 def test_bad_checkpoint_error_at_the_command_line(released, tmp_path):
     _, good = released("mitb0")
     rc, _, err = run_cli("-m", "model.convert", good, tmp_path / "out.pth", "--backbone", "mitb2")
@@ -167,6 +170,7 @@ def test_bad_checkpoints_give_one_line_errors(released, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", list(MIT_SPECS))
 def test_every_mit_size_round_trips_through_the_released_layout(backbone):
     """Each entry of the MiT table builds, has HF SegformerModel's parameters exactly, and keeps every weight

@@ -29,6 +29,7 @@ def _video_frames(path):
     return n, int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
 
 
+@pytest.mark.slow
 def test_demo_on_a_video_file(toy_root, checkpoint, tmp_path, capsys):
     frames = sorted((toy_root / "DAVIS/JPEGImages/480p/davis_01").glob("*.jpg"))
     clip = tmp_path / "clip.mp4"
@@ -51,6 +52,7 @@ def test_demo_on_a_video_file(toy_root, checkpoint, tmp_path, capsys):
     assert not (out / "overlay.partial.mp4").exists()
 
 
+@pytest.mark.slow
 def test_demo_on_a_frame_folder(toy_root, checkpoint, tmp_path, capsys):
     folder = toy_root / "LVID/JPEGImages/lvid_00"
     code, _, err = run_main(run.main, "--demo", folder, "--checkpoint", checkpoint, "--output", tmp_path / "d",
@@ -92,6 +94,7 @@ def test_demo_errors(toy_root, checkpoint, tmp_path, capsys):
     check(toy_root / "LVID/JPEGImages/lvid_00", "checkpoint not found", ckpt=tmp_path / "none.pth")
 
 
+@pytest.mark.slow
 def test_toy_pipeline_runs_every_step(tmp_path):
     """`make demo`'s pipeline, with one epoch per stage: every step runs and the last line is the J&F."""
     from tests.conftest import run_cli
@@ -108,6 +111,7 @@ def test_toy_pipeline_runs_every_step(tmp_path):
         assert any((out / "test" / folder).rglob("*.png"))
 
 
+@pytest.mark.slow
 def test_unwritable_outputs_are_one_line_errors(toy_root, checkpoint, tmp_path, capsys):
     from evaluator import main as evaluator_main
     from flow_synthesis.__main__ import main as synth_main

@@ -62,6 +62,7 @@ def test_channels_last_gives_identical_masks(confident_model, toy_root, tmp_path
     assert masks == plain
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("DEPTHFLOW_SLOW_TESTS"), reason="compiling takes minutes on CPU; set "
                     "DEPTHFLOW_SLOW_TESTS=1")
 def test_torch_compile_gives_identical_masks(confident_model, toy_root, tmp_path):
@@ -131,6 +132,7 @@ def test_winograd_is_refused_where_it_cannot_apply(capsys):
     assert_one_line_error(code, err, "--winograd is an inference option")
 
 
+@pytest.mark.slow
 def test_benchmark_reports_network_against_test_and_steps_against_epochs(tmp_path, capsys):
     code, out, err = run_main(bench.main, "--device", "cpu", "--backbones", "mitb0", "--size", "32", "--frames", "8",
                               "--frame-size", "48x64", "--batch", "2", "--iters", "1", "--train-batch", "2",

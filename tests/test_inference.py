@@ -62,6 +62,7 @@ def test_batches_fill_across_videos_of_one_size():
     assert sorted(k for batch in plan for k in batch) == [(v, f) for v, n in enumerate(lengths) for f in range(n)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixed_shapes", [False, True])
 def test_engine_masks_equal_depthflow_predict(model, toy_root, fixed_shapes):
     """uint8 frames, float conversion after the transfer, batches across videos, padded last batches: bit for
@@ -105,6 +106,7 @@ def _three_sizes(root):
     return scan(spec, root / "LVID")[:3]
 
 
+@pytest.mark.slow
 def test_compile_compiles_the_network_once_for_every_frame_size(model, toy_copy, monkeypatch):
     """The resizes stay outside the compiled part, so three frame sizes make one graph, and compiling is not
     timed. (Dynamo's own backend keeps the test fast; the default compiles the same graphs into kernels.)"""
@@ -153,6 +155,7 @@ def _run_test_command(toy_root, output, nproc=None, port=29531):
                       "--device", "cpu", "--workers", "1", "--batch-size", "3"]
 
 
+@pytest.mark.slow
 def test_torchrun_shards_videos_and_writes_what_one_process_writes(checkpoint, toy_root, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert run.main([*_run_test_command(toy_root, one)[2:], "--checkpoint", str(checkpoint)]) is None
@@ -193,6 +196,7 @@ def test_out_of_memory_names_the_flag(model, toy_root):
         next(segmenter.frames(videos, progress=False))
 
 
+@pytest.mark.slow
 def test_a_loader_process_that_dies_is_one_line(checkpoint, tmp_path):
     """A loader process killed (as the kernel's out-of-memory killer would) while the run goes on."""
     from tools.toydata import generate

@@ -44,6 +44,24 @@ class StopRequests:
 
 
 @contextlib.contextmanager
+def deferred():
+    """Hold Ctrl-C and SIGTERM back while the block runs (starting loader processes, say, which a signal
+    landing half-way leaves half-made), then deliver the first one that came."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    pending = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in EXIT_CODES}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pending:
+            signal.raise_signal(pending[0])
+
+
+@contextlib.contextmanager
 def stop_requests():
     requests = StopRequests()
     previous = {sig: signal.signal(sig, requests._note) for sig in EXIT_CODES}

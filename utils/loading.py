@@ -24,6 +24,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader, Dataset
 
 from utils.errors import UserError
+from utils.interrupts import deferred
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HINT = ("if memory or shared memory ran short, lower --workers or --batch-size, or give /dev/shm more room "
@@ -92,7 +93,8 @@ def batches(loader: DataLoader, where: Callable[[int], str]) -> Iterator:
     """The loader's batches; a failure to load batch k (other than a UserError naming a bad file) stops the
     run with one line naming `where(k)`."""
     try:
-        iterator = iter(loader)  # starts the processes
+        with deferred():  # a signal landing while the processes start would leave the loader half-made
+            iterator = iter(loader)
     except (OSError, RuntimeError, EOFError) as err:
         raise UserError(f"cannot start the data-loading processes ({err}); {HINT}") from None
     k = 0
