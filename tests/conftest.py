@@ -118,17 +118,18 @@ def toy_copy(toy_root, tmp_path):
 
 
 @pytest.fixture
-def nnpack_calls(monkeypatch):
-    """Record the input shape of every NNPACK call, and let the Winograd path run on the tests' small maps."""
+def small_winograd_maps(monkeypatch):
+    """Let the Winograd path run on the tests' small maps (it skips maps under 64x64 pixels)."""
     from model.winograd import WinogradConv2d
 
-    calls = []
-    original = torch._nnpack_spatial_convolution
-
-    def counted(*args):
-        calls.append(tuple(args[0].shape))
-        return original(*args)
-
-    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", counted)
     monkeypatch.setattr(WinogradConv2d, "min_pixels", 0)
-    return calls
+
+
+@contextlib.contextmanager
+def nnpack_calls():
+    """The input shapes of the NNPACK convolutions run in the block, as torch's profiler records them."""
+    shapes = []
+    with torch.profiler.profile(record_shapes=True) as profile:
+        yield shapes
+    shapes += [tuple(event.input_shapes[0]) for event in profile.events()
+               if event.name == "aten::_nnpack_spatial_convolution"]

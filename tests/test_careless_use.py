@@ -554,3 +554,41 @@ def test_a_killed_run_leaves_no_process_behind(toy_root, tmp_path, command, sig)
             assert read_project_checkpoint(tmp_path / "t/last.pth")["epoch"] < 500
         else:
             assert lines[0].startswith("error: terminated")
+
+
+def test_resuming_with_any_changed_recipe_field_names_it(toy_root, tmp_path, check):
+    """Every field of the recipe, changed on --resume, stops the run with one line naming its flag."""
+    from dataclasses import fields
+
+    from trainer import RECIPE_FLAGS, Recipe
+
+    changed = {"stage": "1", "sources": "duts:16", "epochs": "3", "batch_size": "8", "lr": "2e-4", "size": "64",
+               "backbone": "mitb1", "flip_p": "0.3", "loss": "ce+dice", "selection": "davis", "val_every": "7",
+               "seed": "9"}
+    assert set(changed) == {f.name for f in fields(Recipe)}, "a new recipe field needs a case here"
+    out = tmp_path / "run"
+    assert run.main(list(map(str, _train_args(toy_root, out, "--epochs", "1")))) is None
+    for field, value in changed.items():
+        flag = RECIPE_FLAGS[field]
+        check(run.main, *_train_args(toy_root, out, "--epochs", "1", "--resume"), flag, value,
+              expect=[f"was trained with {flag} ", "keeps its recipe"])
+
+
+def test_a_new_test_set_needs_only_its_dataset_spec(tmp_path, monkeypatch, capsys):
+    """A DatasetSpec in the standard layout: tools.toydata writes it and run.py --test scores it, unedited."""
+    import dataset
+    from dataset import DatasetSpec
+    from tools.toydata import main as toydata_main
+
+    monkeypatch.setitem(dataset.DATASETS, "mine", DatasetSpec(
+        name="mine", title="My test set", role="test", folder="MINE", images="Frames", flows="Flows", masks="Masks",
+        mask_rule="nonzero", all_annotated=False, output="MINE_test"))
+    root = tmp_path / "data"
+    assert toydata_main([str(root), "--datasets", "mine", "--videos", "2", "--frames", "4", "--size", "48x64"]) is None
+    code, out, err = run_main(run.main, "--test", "--checkpoint", _tiny(tmp_path), "--data-root", root,
+                              "--datasets", "mine", "--output", tmp_path / "o", "--device", "cpu", capsys=capsys)
+    assert code == 0, err
+    assert "== My test set ==" in out
+    results = json.loads((tmp_path / "o/results.json").read_text())
+    assert set(results["mine"]["sequences"]) == {"mine_00", "mine_01"} and results["mine"]["metrics"]["J-Mean"] >= 0
+    assert len(list((tmp_path / "o/MINE_test").rglob("*.png"))) == 8

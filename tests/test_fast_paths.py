@@ -17,7 +17,7 @@ from inference import InferenceOptions, Segmenter, prepare_model
 from model import DepthFlow
 from model.winograd import WinogradConv2d, use_winograd, winograd_available
 from run import main as run_main_cli
-from tests.conftest import assert_one_line_error, run_main
+from tests.conftest import assert_one_line_error, nnpack_calls, run_main
 from tools import bench
 from utils.errors import UserError
 from utils.metrics import jaccard
@@ -74,32 +74,33 @@ def test_torch_compile_gives_identical_masks(confident_model, toy_root, tmp_path
 
 
 @needs_nnpack
-def test_winograd_conv_matches_direct_convolution(nnpack_calls):
+def test_winograd_conv_matches_direct_convolution(small_winograd_maps):
     conv = nn.Conv2d(64, 96, 3, padding=1)
     fast = WinogradConv2d.from_conv(conv)
     assert fast.weight is conv.weight and fast.bias is conv.bias
     x = torch.randn(3, 64, 20, 24)
-    with torch.inference_mode():
+    with torch.inference_mode(), nnpack_calls() as calls:
         got = fast(x)
-        exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
-    assert nnpack_calls == [(1, 64, 20, 24)] * 3  # one frame at a time
+    exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    assert calls == [(1, 64, 20, 24)] * 3  # one frame at a time
     assert got.shape == exact.shape and got.dtype == torch.float32
     error = (got.double() - exact).abs().max() / exact.abs().max()
     assert 0 < error < 1e-4  # Winograd, not bitwise a direct convolution, but close
 
 
 @needs_nnpack
-def test_winograd_conv_falls_back_where_nnpack_does_not_apply(nnpack_calls, monkeypatch):
+def test_winograd_conv_falls_back_where_nnpack_does_not_apply(small_winograd_maps, monkeypatch):
     conv = nn.Conv2d(64, 64, 3, padding=1)
     fast = WinogradConv2d.from_conv(conv)
     x = torch.randn(1, 64, 16, 16, requires_grad=True)
-    assert torch.equal(fast(x), conv(x))  # autograd: the usual convolution, so training is unchanged
-    with torch.inference_mode():
-        fast64 = WinogradConv2d.from_conv(nn.Conv2d(64, 64, 3, padding=1).double())
-        assert torch.equal(fast64(x.double()), F.conv2d(x.double(), fast64.weight, fast64.bias, padding=1))
-        monkeypatch.setattr(WinogradConv2d, "min_pixels", 17 * 17)
-        assert torch.equal(fast(x), conv(x))
-    assert nnpack_calls == []
+    with nnpack_calls() as calls:
+        assert torch.equal(fast(x), conv(x))  # autograd: the usual convolution, so training is unchanged
+        with torch.inference_mode():
+            fast64 = WinogradConv2d.from_conv(nn.Conv2d(64, 64, 3, padding=1).double())
+            assert torch.equal(fast64(x.double()), F.conv2d(x.double(), fast64.weight, fast64.bias, padding=1))
+            monkeypatch.setattr(WinogradConv2d, "min_pixels", 17 * 17)
+            assert torch.equal(fast(x), conv(x))
+    assert calls == []
     for not_eligible in (nn.Conv2d(64, 64, 3, padding=1, stride=2), nn.Conv2d(64, 64, 3, padding=1, groups=64),
                          nn.Conv2d(64, 2, 3, padding=1), nn.Conv2d(64, 64, 1)):
         with pytest.raises(ValueError, match="not a 3x3"):
@@ -107,7 +108,8 @@ def test_winograd_conv_falls_back_where_nnpack_does_not_apply(nnpack_calls, monk
 
 
 @needs_nnpack
-def test_winograd_model_keeps_its_weights_and_nearly_its_masks(confident_model, toy_root, tmp_path, nnpack_calls):
+def test_winograd_model_keeps_its_weights_and_nearly_its_masks(confident_model, toy_root, tmp_path,
+                                                               small_winograd_maps):
     _, plain = _davis_masks(confident_model, toy_root, tmp_path / "a")
     fast = DepthFlow("mitb0", size=64)
     fast.load_state_dict(confident_model.state_dict())
@@ -116,9 +118,9 @@ def test_winograd_model_keeps_its_weights_and_nearly_its_masks(confident_model, 
     assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), confident_model.state_dict().values()))
     fast = prepare_model(fast, InferenceOptions())
     image, flow = torch.rand(2, 3, 48, 80), torch.rand(2, 3, 48, 80)
-    with torch.inference_mode():
+    with torch.inference_mode(), nnpack_calls() as calls:
         want, got = confident_model(image, flow), fast(image, flow)
-    assert len(nnpack_calls) == 16 and 0 < (got - want).abs().max() < 1e-4 * want.abs().max()
+    assert len(calls) == 16 and 0 < (got - want).abs().max() < 1e-4 * want.abs().max()
     _, masks = _davis_masks(fast, toy_root, tmp_path / "b")
     assert masks.keys() == plain.keys()
     ious = [jaccard(_decode(masks[k]), _decode(plain[k])) for k in plain]

@@ -21,6 +21,7 @@ from dataset import DATASETS, scan
 from inference import DeviceQueue, InferenceOptions, Segmenter, plan_batches, prepare_model
 from model import DepthFlow
 from model.checkpoints import save_project_checkpoint
+from model.depthflow import class_masks
 from tests.conftest import ROOT, assert_one_line_error, children, run_main
 from utils.errors import UserError
 
@@ -262,3 +263,23 @@ def test_saved_masks_decode_to_what_was_scored(model, toy_root, tmp_path):
             assert np.array_equal(np.asarray(Image.open(tmp_path / video.key / f"{frame.stem}.png")), want[v, f])
     rescored = evaluator.score_saved(DATASETS["davis"], videos, tmp_path, workers=1)
     assert rescored["metrics"] == result["metrics"]
+
+
+def test_reduced_precision_logits_are_resized_in_float32(model, toy_root):
+    """bf16 logits (autocast on a GPU) become float32 before the bicubic resize to the frame: resizing in bf16
+    would make ties that fall to the background."""
+    videos = scan(DATASETS["davis"], toy_root / "DAVIS")[:1]
+    seen = []
+
+    def bf16_network(image, flow):
+        logits = model.forward_square(image, flow).bfloat16()
+        seen.append(logits)
+        return logits
+
+    segmenter = Segmenter(model, InferenceOptions(CPU, batch_size=8))
+    segmenter.network = bf16_network
+    masks = [f.mask for f in segmenter.frames(videos, progress=False)]
+    want = class_masks(torch.nn.functional.interpolate(seen[0].float(), size=(64, 96), mode="bicubic"))
+    assert all(np.array_equal(m, w) for m, w in zip(masks, want.numpy()))
+    in_bf16 = class_masks(torch.nn.functional.interpolate(seen[0], size=(64, 96), mode="bicubic").float())
+    assert not torch.equal(in_bf16, want), "the test needs logits whose bf16 resize differs"

@@ -16,7 +16,7 @@ from inference import InferenceOptions, Segmenter
 from model import DepthFlow
 from model.checkpoints import read_project_checkpoint, save_project_checkpoint
 from model.winograd import winograd_available
-from tests.conftest import assert_one_line_error, run_cli, run_main
+from tests.conftest import assert_one_line_error, nnpack_calls, run_cli, run_main
 from utils.errors import UserError
 from utils.interrupts import Stopped, StopRequests
 
@@ -79,14 +79,15 @@ def test_test_command_writes_masks_tables_and_json(trained, toy_root, tmp_path, 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not winograd_available(), reason="this PyTorch build or CPU has no NNPACK")
-def test_test_command_fast_paths_nearly_keep_the_masks(trained, toy_root, tmp_path, capsys, nnpack_calls):
-    calls = nnpack_calls
+def test_test_command_fast_paths_nearly_keep_the_masks(trained, toy_root, tmp_path, capsys, small_winograd_maps):
     common = ["--test", "--checkpoint", trained / "best.pth", "--data-root", toy_root, "--datasets", "davis",
               "--workers", "0", "--device", "cpu"]
-    assert run_main(run.main, *common, "--output", tmp_path / "plain", capsys=capsys)[0] == 0
+    with nnpack_calls() as calls:
+        assert run_main(run.main, *common, "--output", tmp_path / "plain", capsys=capsys)[0] == 0
     assert not calls
-    code, _, err = run_main(run.main, *common, "--output", tmp_path / "fast", "--winograd", "--channels-last",
-                            "--batch-size", "3", capsys=capsys)
+    with nnpack_calls() as calls:
+        code, _, err = run_main(run.main, *common, "--output", tmp_path / "fast", "--winograd", "--channels-last",
+                                "--batch-size", "3", capsys=capsys)
     assert code == 0, err
     assert len(calls) == 16 * 8  # every frame through the 8 wide 3x3 convolutions
     plain = json.loads((tmp_path / "plain/results.json").read_text())["davis"]["metrics"]
