@@ -151,9 +151,11 @@ def format_table(spec: DatasetSpec, result: dict) -> str:
     if spec.metric == "davis":
         lines.append("  ".join(f"{k:>9}" for k in metrics))
         lines.append("  ".join(f"{v:9.4f}" for v in metrics.values()))
-    else:  # figures of several protocols: one a line, with its protocol
-        width = max(map(len, metrics))
-        lines += [f"{k:>{width}}  {v:.4f}  ({result['protocols'][k]})" for k, v in metrics.items()]
+    else:  # figures of several protocols: a line per protocol
+        groups: dict[str, list[str]] = {}
+        for key, value in metrics.items():
+            groups.setdefault(result["protocols"][key], []).append(f"{key.removesuffix(RULES)} {value:.4f}")
+        lines += [f"  {'  '.join(figures)}   [{protocol}]" for protocol, figures in groups.items()]
     if "classes" in result:
         lines.append("per class (J-Mean): " + ", ".join(f"{c} {v:.4f}" for c, v in result["classes"].items()))
     if "speed" in result:

@@ -66,7 +66,8 @@ def _dataset_html(report: DatasetReport, files: Path, page: Path) -> str:
                    "</td></tr>" for k, v in report.metrics.items())
     parts = [f"<h2>{html.escape(report.title)}</h2>", "<table><tr><th>figure</th><th>value</th><th>protocol</th>"
              f"</tr>{rows}</table>"]
-    columns = sorted({k for figures in report.sequences.values() for k in figures})
+    figures = {k for values in report.sequences.values() for k in values}
+    columns = [report.worst_by] * (report.worst_by in figures) + sorted(figures - {report.worst_by})
     order = sorted(report.sequences, key=lambda s: report.sequences[s].get(report.worst_by, float("inf")))
     header = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(f"<tr><td>{html.escape(s)}</td>" + "".join(
