@@ -251,11 +251,23 @@ class TrainingRun:
         self.given = frozenset(RECIPE_FLAGS) if given is None else given
         self.output = Path(settings.output)
         self.writer = BackgroundWriter()
+        self.log = RunLog(self.output, settings.tensorboard) if ctx.is_main else None
         state = self._resume_state(recipe)
         self.recipe = recipe = Recipe.from_dict(state["recipe"]) if state is not None else recipe
         torch.manual_seed(recipe.seed)
         model = self._build_model(state)
         self.recipe = recipe = replace(recipe, backbone=model.backbone, size=model.size)
+        self._prepare_data()
+        if state is None:
+            self._claim_output()  # last of the checks: an earlier run that --overwrite replaces goes only now
+        self._prepare_optimisation(model)
+        self.start_epoch, self.start_step, self.best, self.figures_state = 0, 0, float("-inf"), None
+        if state is not None:
+            self._restore(state)
+
+    def _prepare_data(self) -> None:
+        """The sources without the videos that select best.pth, the samples and their global batches."""
+        recipe, ctx = self.recipe, self.ctx
         if recipe.batch_size % ctx.world_size:
             raise UserError(f"--batch-size {recipe.batch_size} must be divisible by the {ctx.world_size} processes")
         self.val_spec, self.val_videos = self._selection_videos()
@@ -263,8 +275,12 @@ class TrainingRun:
         check_outside(self.output, [self._root(n) for n, _ in recipe.sources] +
                       ([self._root(self.val_spec.name)] if self.val_videos else []), "--output")
         self._check_disjoint()
-        if state is None:
-            self._claim_output()  # last of the checks: an earlier run that --overwrite replaces goes only now
+        self.data = TrainingFrames(self.sources, size=recipe.size, seed=recipe.seed, flip_p=recipe.flip_p)
+        self.batches = GlobalBatches(len(self.data), recipe.batch_size, recipe.seed, ctx)
+
+    def _prepare_optimisation(self, model: DepthFlow) -> None:
+        """The model on its device (DDP under torchrun, compiled with --compile), the loss, Adam, the scaler."""
+        ctx, settings = self.ctx, self.settings
         self.model = model.to(ctx.device)
         self.net = DistributedDataParallel(self.model, device_ids=[ctx.device] if ctx.device.type == "cuda"
                                            else None) if ctx.distributed else self.model
@@ -273,19 +289,11 @@ class TrainingRun:
             # once (twice with a partial batch). Checkpoints keep the plain module's names (self.model).
             check_compiler(ctx.device)
             self.net = torch.compile(self.net, dynamic=False)
-        self.loss = build_loss(recipe.loss)
+        self.loss = build_loss(self.recipe.loss)
         # Fused Adam: one kernel for all parameters on a GPU; PyTorch's default (foreach) on a CPU.
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=recipe.lr, weight_decay=0.0,
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.recipe.lr, weight_decay=0.0,
                                           fused=ctx.device.type == "cuda" or None)
         self.scaler = torch.amp.GradScaler("cuda", enabled=settings.amp == "fp16" and ctx.device.type == "cuda")
-        self.start_epoch, self.start_step, self.best, self.figures_state = 0, 0, float("-inf"), None
-        if state is not None:
-            self._restore(state)
-        self.data = TrainingFrames(self.sources, size=recipe.size, seed=recipe.seed, flip_p=recipe.flip_p)
-        self.batches = GlobalBatches(len(self.data), recipe.batch_size, recipe.seed, ctx)
-        self.log = RunLog(self.output, settings.tensorboard) if ctx.is_main else None
-        if self.log is not None and state is not None:
-            self.log.trim(self.start_epoch)
 
     def _root(self, name: str) -> Path:
         return dataset_root(DATASETS[name], self.settings.data_root, self.settings.dataset_roots.get(name))
@@ -386,6 +394,8 @@ class TrainingRun:
         self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.start_step, self.best = state["epoch"], state["step"], state["best"]
         self.figures_state = state.get("figures") if self.start_step else None
+        if self.log is not None:
+            self.log.trim(self.start_epoch)  # epochs after the checkpoint are about to be trained again
 
     def save(self, name: str, epoch: int, step: int, figures: EpochFigures | None = None) -> None:
         """Write OUTPUT/name in the background (rank 0): a host copy is taken first, so training goes on at
