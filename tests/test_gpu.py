@@ -54,12 +54,13 @@ def _frames():
 @contextlib.contextmanager
 def tf32(enabled: bool):
     """The project's precision policy, TF32 (the default) or strict float32."""
-    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     configure(CUDA, strict_fp32=not enabled)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
 
 
 def test_released_checkpoint_on_gpu_matches_reference_without_tf32(released):

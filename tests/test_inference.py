@@ -283,3 +283,19 @@ def test_reduced_precision_logits_are_resized_in_float32(model, toy_root):
     assert all(np.array_equal(m, w) for m, w in zip(masks, want.numpy()))
     in_bf16 = class_masks(torch.nn.functional.interpolate(seen[0], size=(64, 96), mode="bicubic").float())
     assert not torch.equal(in_bf16, want), "the test needs logits whose bf16 resize differs"
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_the_gpu_precision_policy_is_one_torch_compile_can_read(strict):
+    """TF32 by default, full float32 with --strict-fp32, cuDNN autotuning with a bounded workspace; set
+    through the switches torch.compile's code generation reads (set through torch's newer ones, its reads
+    fail)."""
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
+    try:
+        utils.device.configure(torch.device("cuda"), strict_fp32=strict)
+        assert torch.get_float32_matmul_precision() == ("highest" if strict else "high")
+        assert torch.backends.cuda.matmul.allow_tf32 is torch.backends.cudnn.allow_tf32 is (not strict)
+        assert torch.backends.cudnn.benchmark and int(os.environ["CUDNN_CONV_WSCAP_DBG"]) > 0
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved[1:]

@@ -81,9 +81,10 @@ def configure(device: torch.device, strict_fp32: bool = False) -> None:
         keep_freed_buffers()
         return
     os.environ.setdefault("CUDNN_CONV_WSCAP_DBG", str(CUDNN_WORKSPACE_MIB))
-    precision = "ieee" if strict_fp32 else "tf32"
-    torch.backends.cuda.matmul.fp32_precision = precision
-    torch.backends.cudnn.conv.fp32_precision = precision
+    # The settings torch.compile's code generation reads (torch's newer fp32_precision switches, mixed with
+    # them, make those reads fail).
+    torch.set_float32_matmul_precision("highest" if strict_fp32 else "high")
+    torch.backends.cudnn.allow_tf32 = not strict_fp32
     torch.backends.cudnn.benchmark = True
 
 
