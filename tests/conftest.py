@@ -11,6 +11,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# A subprocess that crashes in native code (SIGABRT, SIGSEGV) prints every thread's Python stack, so that a
+# rare crash on CI shows where it happened.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
 
 def run_cli(*args, cwd=ROOT, timeout=600):
     """Run a project command in a subprocess: (returncode, stdout, stderr)."""
