@@ -187,7 +187,9 @@ def test_decay_of_a_long_sequence_uses_its_own_quarters():
     decay = sequence_statistics(values)[2]
     assert decay == pytest.approx(np.mean(values[:151]) - np.mean(values[449:]))
     assert decay == pytest.approx(0.75, abs=0.01)
-    assert decay != pytest.approx(_toolkit_decay(values, np.uint8), abs=0.01)
+    with pytest.warns(RuntimeWarning, match="Mean of empty slice"):  # a wrapped edge leaves a quarter empty
+        toolkit = _toolkit_decay(values, np.uint8)
+    assert decay != pytest.approx(toolkit, abs=0.01)
 
 
 def test_every_figure_of_a_j_dataset_names_its_protocol(toy_root):
