@@ -260,7 +260,7 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the metrics to this file")
     parser.add_argument("--report", help="the HTML report (default: <RESULTS folder name>_report.html beside --json, "
                                          "or in the current folder)")
-    parser.add_argument("--workers", type=int, default=default_workers(), help="scoring processes (default: the "
+    parser.add_argument("--workers", type=int, default=default_workers(), help="scoring threads (default: the "
                                                                              "machine's cores, up to 8)")
     args = parser.parse_args(argv)
     spec = DATASETS[args.dataset]

@@ -22,6 +22,7 @@ It is the only place in the project with loader processes, helper threads and de
   memory stays flat however long a video is.
 """
 
+import functools
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -37,7 +38,7 @@ from model.depthflow import DepthFlow, class_masks, resize_bicubic
 from model.winograd import use_winograd, winograd_available
 from transforms import to_float
 from utils import loading
-from utils.device import autocast_context, check_compiler
+from utils.device import autocast_context, check_compiler, compile_failure
 from utils.errors import UserError
 
 
@@ -163,7 +164,7 @@ class Segmenter:
         previous = None
         with tqdm(total=len(data), unit="frame", desc=desc, disable=None if progress else True, leave=False) as bar:
             for k, pixels in enumerate(loading.batches(loader, where)):
-                current = self._launch(plan[k], pixels, where(k))
+                current = self._launch(plan[k], pixels, functools.partial(where, k))
                 if previous is not None:
                     yield from self._collect(previous, videos, stats)
                     bar.update(len(previous.keys))
@@ -200,7 +201,7 @@ class Segmenter:
             image, flow = (t.contiguous(memory_format=torch.channels_last) for t in (image, flow))
         return image, flow
 
-    def _launch(self, keys: list[tuple[int, int]], pixels: torch.Tensor, where: str) -> _InFlight:
+    def _launch(self, keys: list[tuple[int, int]], pixels: torch.Tensor, where: Callable[[], str]) -> _InFlight:
         n, size = len(keys), tuple(pixels.shape[2:4])
         try:
             with torch.inference_mode():
@@ -218,7 +219,7 @@ class Segmenter:
                              (start, end, done) if self.queue.gpu else ())
         except torch.OutOfMemoryError:
             h, w = size
-            raise UserError(f"out of GPU memory segmenting {where} ({w}x{h} frames) with --batch-size "
+            raise UserError(f"out of GPU memory segmenting {where()} ({w}x{h} frames) with --batch-size "
                             f"{self.options.batch_size}; lower --batch-size") from None
 
     def _warm_up(self, image: torch.Tensor, flow: torch.Tensor) -> None:
@@ -233,8 +234,7 @@ class Segmenter:
         except Exception as err:
             if not self.options.compile:
                 raise
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise UserError(f"--compile failed to compile the network ({first}); drop --compile") from None
+            raise compile_failure(err, "the network") from None
         if self.queue.gpu:
             torch.cuda.synchronize(self.device)
         self._ready_shapes.add(image.shape)

@@ -8,13 +8,13 @@
 import argparse
 import math
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 
 from dataset import DATASETS, DEFAULT_DATA_ROOT, test_datasets
 from model.encoders import check_backbone
 from model.losses import build_loss
 from model.mit import MIT_SPECS
-from trainer import SELECTIONS, STAGES, RunSettings, parse_sources
+from trainer import SELECTIONS, STAGES, Recipe, RunSettings, parse_sources
 from utils.device import AMP_MODES, default_workers, device_type
 from utils.errors import ArgumentParser, UserError, cli_entry
 from utils.interrupts import stop_requests
@@ -115,10 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.size is not None and (args.size < 32 or args.size % 32):
         raise UserError(f"--size {args.size}: expected a positive multiple of 32 (the published model uses 512)")
     if args.backbone is not None:
-        try:
-            check_backbone(args.backbone)
-        except ValueError as err:
-            raise UserError(f"--backbone: {err}") from None
+        _check_with("--backbone", check_backbone, args.backbone)
     inference_only = [flag for flag, on in (("--channels-last", args.channels_last), ("--winograd", args.winograd))
                       if on]
     if args.train and inference_only:
@@ -158,17 +155,21 @@ def _check_numbers(args) -> None:
     if args.flip_p is not None and not 0 <= args.flip_p <= 1:
         raise UserError(f"--flip-p {args.flip_p}: expected a probability in [0, 1]")
     if args.loss is not None:
-        try:
-            build_loss(args.loss)
-        except ValueError as err:
-            raise UserError(f"--loss: {err}") from None
+        _check_with("--loss", build_loss, args.loss)
+
+
+def _check_with(flag: str, check, value) -> None:
+    """`check(value)`, its ValueError as one line naming the flag."""
+    try:
+        check(value)
+    except ValueError as err:
+        raise UserError(f"{flag}: {err}") from None
 
 
 def build_recipe(args):
     """The stage's recipe with the flags given on top of it, and the names of the fields the flags set."""
-    overrides = {name: getattr(args, name) for name in ("stage", "epochs", "batch_size", "lr", "size", "backbone",
-                                                        "flip_p", "loss", "selection", "val_every", "seed")
-                 if getattr(args, name) is not None}
+    overrides = {f.name: getattr(args, f.name) for f in fields(Recipe)
+                 if f.name != "sources" and getattr(args, f.name) is not None}  # sources: from --datasets
     if args.datasets:
         overrides["sources"] = parse_sources(args.datasets)
     return replace(STAGES[args.stage or 1], **overrides), frozenset(overrides)

@@ -35,7 +35,7 @@ from model.losses import build_loss
 from transforms import to_float
 from utils import distributed, loading
 from utils.background import BackgroundWriter, host_copy
-from utils.device import autocast_context, check_compiler
+from utils.device import autocast_context, check_compiler, compile_failure
 from utils.errors import UserError, one_line
 from utils.interrupts import Stopped, StopRequests
 from utils.io import check_outside, check_writable
@@ -76,10 +76,9 @@ STAGES = {
     1: Recipe(stage=1, sources=(("ytvos", 512),), epochs=4000),
     2: Recipe(stage=2, sources=(("duts", 384), ("davis_train", 128)), epochs=2000),
 }
-# The flag that sets each field, for messages.
-RECIPE_FLAGS = {"stage": "--stage", "sources": "--datasets", "epochs": "--epochs", "batch_size": "--batch-size",
-                "lr": "--lr", "size": "--size", "backbone": "--backbone", "flip_p": "--flip-p", "loss": "--loss",
-                "selection": "--selection", "val_every": "--val-every", "seed": "--seed"}
+# The flag that sets each field: its name, but --datasets for the sources.
+RECIPE_FLAGS = {f.name: "--datasets" if f.name == "sources" else "--" + f.name.replace("_", "-")
+                for f in fields(Recipe)}
 
 
 @dataclass(frozen=True)
@@ -459,8 +458,7 @@ class TrainingRun:
             except torch.OutOfMemoryError as err:
                 self._save_after_failure(err, epoch, done, figures)
             except torch._dynamo.exc.BackendCompilerFailed as err:
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                raise UserError(f"--compile failed to compile the training step ({first}); drop --compile") from None
+                raise compile_failure(err, "the training step") from None
             done = step
             if step % LOG_EVERY == 0:
                 bar.set_postfix({k: f"{v:.4f}" for k, v in self._finite(figures.read(), epoch, step).items()})

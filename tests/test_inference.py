@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -123,23 +124,31 @@ def test_compile_compiles_the_network_once_for_every_frame_size(model, toy_copy,
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
+def test_a_network_that_fails_to_compile_is_one_line(model, toy_root, monkeypatch):
+    """A compiler error ends in one line with its first line and the way out, before any frame is timed."""
+    def failing_compile(function, **options):
+        def run(*inputs):
+            raise RuntimeError("backend exploded\nits long report")
+        return run
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    monkeypatch.setattr(inference, "check_compiler", lambda device: None)
+    segmenter = Segmenter(model, InferenceOptions(CPU, batch_size=2, compile=True))
+    with pytest.raises(UserError) as err:
+        next(segmenter.frames(scan(DATASETS["davis"], toy_root / "DAVIS")[:1], progress=False))
+    assert str(err.value) == "--compile failed to compile the network (backend exploded); drop --compile"
+
+
 def test_the_engine_waits_on_the_stream_of_its_own_device(monkeypatch):
     """cuda:1 outside torchrun: the device is made current (so the loader's pinning thread uses it too) and
     the events that tell when a batch is back are recorded on cuda:1's stream, not GPU 0's."""
     current, streams = [], []
 
-    class Event:
-        def __init__(self, enable_timing=False):
-            pass
-
-        def record(self, stream):
-            streams.append(stream)
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device: f"stream of {device}")
-    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "Event", lambda enable_timing=False: SimpleNamespace(record=streams.append))
     device = utils.device.resolve_device("cuda:1")
     assert device == torch.device("cuda", 1) and current == [device]
     DeviceQueue(device).mark(timing=True)

@@ -110,6 +110,12 @@ def default_workers(limit: int = 8) -> int:
     return max(1, min(limit, available_cores() // max(local_processes, 1)))
 
 
+def compile_failure(err: Exception, what: str) -> UserError:
+    """torch.compile's failure to compile `what`, as one line: the first line of its message."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return UserError(f"--compile failed to compile {what} ({first}); drop --compile")
+
+
 def check_compiler(device: torch.device) -> None:
     """Stop with one line, before any work, if torch.compile could not build kernels for `device`."""
     if device.type == "cuda" and importlib.util.find_spec("triton") is None:

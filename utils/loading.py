@@ -77,11 +77,11 @@ def _project_modules() -> list[str]:
 def _exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
+        return True
+    except PermissionError:  # it exists, owned by another user
+        return True
     except ProcessLookupError:
         return False
-    except PermissionError:
-        pass
-    return True
 
 
 def loader_error(err: BaseException, where: str) -> UserError:
