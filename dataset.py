@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from transforms import TrainTransform
 from utils.errors import UserError
 from utils.io import FRAME_EXTENSIONS, image_size, natural_key, read_rgb
-from utils.palette import read_mask, read_mask_levels
+from utils.palette import read_mask, read_mask_grey8
 
 DEFAULT_DATA_ROOT = "../DB/VOS"
 
@@ -43,7 +43,11 @@ class DatasetSpec:
     grouped: bool = False  # <class>/<video>/ (YouTube-Objects)
     groups: tuple[str, ...] = ()  # the classes of a grouped dataset, as the benchmark defines them
     flat: bool = False  # one still image per "video" (DUTSv2)
-    all_annotated: bool = True  # every frame has a mask
+    # Annotated on some frames only (FBMS, YouTube-Objects, Long-Videos). The archives hold such a set in one of
+    # two forms, and either reads the same here: a mask file for every frame, blank where the frame is not
+    # annotated, or only the annotated frames kept. So a frame counts as annotated when it has a mask file with
+    # an object in it; a blank mask is a placeholder, as the authors' scoring loops treat it.
+    sparse: bool = False
     output: str = ""  # folder of saved masks under --output
     metric: str = "j"  # "davis" (J and F, toolkit statistics) or "j" (J on annotated frames with an object)
     mask_resize: str = "nearest"  # training resize rule (transforms.MASK_RESIZE)
@@ -68,19 +72,18 @@ DATASETS = {
     "davis_train": _davis("train"),
     "fbms": DatasetSpec(
         name="fbms", title="FBMS test", role="test", folder="FBMS", images="TestSet/JPEGImages",
-        flows="TestSet/JPEGFlows", masks="TestSet/Annotations", mask_rule="grey", all_annotated=False,
+        flows="TestSet/JPEGFlows", masks="TestSet/Annotations", mask_rule="grey", sparse=True,
         output="FBMS_test"),
     "ytobj": DatasetSpec(
         name="ytobj", title="YouTube-Objects", role="test", folder="YTOBJ", images="JPEGImages",
         flows="JPEGFlows", masks="Annotations", mask_rule="grey", grouped=True, groups=YTOBJ_CLASSES,
-        all_annotated=False, output="YTOBJ"),
+        sparse=True, output="YTOBJ"),
     "lvid": DatasetSpec(
         name="lvid", title="Long-Videos", role="test", folder="LVID", images="JPEGImages", flows="JPEGFlows",
-        masks="Annotations", mask_rule="nonzero", all_annotated=False, output="LVID"),
+        masks="Annotations", mask_rule="nonzero", sparse=True, output="LVID"),
     "ytvos": DatasetSpec(
         name="ytvos", title="YouTube-VOS 2018 train", role="train", folder="YTVOS18", images="train/JPEGImages",
-        flows="train/JPEGFlows", masks="train/Annotations", mask_rule="nonzero", video_list="ImageSets/train.txt",
-        all_annotated=False),
+        flows="train/JPEGFlows", masks="train/Annotations", mask_rule="nonzero", video_list="ImageSets/train.txt"),
     "duts": DatasetSpec(
         name="duts", title="DUTSv2", role="train", folder="DUTSv2", images="JPEGImages", flows="JPEGFlows",
         masks="Annotations", mask_rule="grey", flat=True, mask_resize="bicubic"),
@@ -155,7 +158,7 @@ def _pair(video_dir: str, root: Path, spec: DatasetSpec, name: str, group: str |
         raise UserError(f"{spec.title}: flow {flows[stems[0]]} has no frame (expected {where / stems[0]}.jpg)")
     if stems := sorted(masks.keys() - images.keys()):
         raise UserError(f"{spec.title}: mask {masks[stems[0]]} has no frame (expected {where / stems[0]}.jpg)")
-    if spec.all_annotated and (stems := sorted(images.keys() - masks.keys())):
+    if not spec.sparse and (stems := sorted(images.keys() - masks.keys())):
         raise UserError(f"{spec.title}: no mask for frame {images[stems[0]]} "
                         f"(expected {root / spec.masks / video_dir / stems[0]}.png)")
     if not masks:
@@ -206,6 +209,9 @@ def scan(spec: DatasetSpec, root) -> list[Video]:
     for sub in (spec.images, spec.flows, spec.masks):
         if not (root / sub).is_dir():
             raise UserError(f"{spec.title}: missing folder {root / sub} (expected layout {spec.layout()})")
+    if (root / spec.flows).resolve() == (root / spec.images).resolve():
+        raise UserError(f"{spec.title}: the flow folder {root / spec.flows} is the frame folder {root / spec.images} "
+                        "(a link?): frames would be read as flows")
     if spec.flat:
         return _pair("", root, spec, "", None)
     videos = [_pair(f"{g}/{v}" if g else v, root, spec, v, g) for g, v in _video_names(root, spec)]
@@ -222,28 +228,30 @@ def scan(spec: DatasetSpec, root) -> list[Video]:
 class VideoFrames(Dataset):
     """Every frame of a list of videos, for inference, addressed by (video, frame) positions.
 
-    An item is the frame's image and flow as decoded, a 2xHxWx3 uint8 tensor: a quarter of float32's bytes
-    to move, turned into floats on the device. Each frame must have the size of its video's first frame
-    (`sizes`, read from the headers), which is what lets the engine batch frames of equal size.
+    An item is the frame's image and flow as decoded, HxWx3 uint8 tensors: a quarter of float32's bytes to
+    move, turned into floats on the device. A flow image may have another size than its frame (each is
+    resized to the network's square input on its own, as the authors' code does), but every frame of a
+    video must have its first frame's size, and every flow its first flow's (`sizes`, read from the
+    headers): that is what lets the engine batch a video's frames.
     """
 
     def __init__(self, videos: list[Video]):
         self.videos = videos
-        self.sizes = [image_size(video.frames[0].image) for video in videos]
+        self.sizes = [(image_size(video.frames[0].image), image_size(video.frames[0].flow)) for video in videos]
 
     def __len__(self):
         return sum(len(video.frames) for video in self.videos)
 
-    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         v, f = key
-        frame = self.videos[v].frames[f]
+        frame, first = self.videos[v].frames[f], self.videos[v].frames[0]
         image, flow = read_rgb(frame.image), read_rgb(frame.flow)
-        for path, pixels in ((frame.image, image), (frame.flow, flow)):
-            if pixels.shape[:2] != self.sizes[v]:
-                h, w = self.sizes[v]
-                raise UserError(f"{path} is {_size(pixels)}, frame {self.videos[v].frames[0].image} of the same "
-                                f"video is {w}x{h} (expected one size per video)")
-        return torch.from_numpy(np.stack([image, flow]))
+        for path, pixels, size, other in ((frame.image, image, self.sizes[v][0], first.image),
+                                          (frame.flow, flow, self.sizes[v][1], first.flow)):
+            if pixels.shape[:2] != size:
+                raise UserError(f"{path} is {_size(pixels)}, {other} of the same video is {size[1]}x{size[0]} "
+                                "(expected one size per video)")
+        return torch.from_numpy(image.copy()), torch.from_numpy(flow.copy())  # PIL's arrays are read-only
 
 
 def _size(pixels: np.ndarray) -> str:
@@ -299,11 +307,11 @@ class TrainingFrames(Dataset):
         part, frame, rng = self._draw(key)
         spec = self.sources[part].spec
         image, flow = read_rgb(frame.image), read_rgb(frame.flow)
-        # Soft object levels in [0, 1] for a bicubic mask resize (DUTSv2), the 0/1 mask otherwise.
-        mask = read_mask_levels(frame.mask) if spec.mask_resize == "bicubic" else read_mask(frame.mask, spec.mask_rule)
-        for what, path, other in (("flow", frame.flow, flow), ("mask", frame.mask, mask)):
-            if other.shape[:2] != image.shape[:2]:
-                raise UserError(f"{what} {path} is {_size(other)}, its frame {frame.image} is {_size(image)} "
-                                "(expected equal sizes)")
+        # 8-bit grey levels for a bicubic mask resize (DUTSv2, as the authors resize their 'L' masks), 0/1 labels
+        # otherwise. A flow image of another size is resized on its own, as the authors' loaders do.
+        mask = read_mask_grey8(frame.mask) if spec.mask_resize == "bicubic" else read_mask(frame.mask, spec.mask_rule)
+        if mask.shape != image.shape[:2]:
+            raise UserError(f"mask {frame.mask} is {_size(mask)}, its frame {frame.image} is {_size(image)} "
+                            "(expected equal sizes)")
         image_t, flow_t, mask_t = self.transforms[part](image, flow, mask, rng)
         return {"image": image_t, "flow": flow_t, "mask": mask_t}

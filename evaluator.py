@@ -1,71 +1,134 @@
 """Evaluation: segment test videos and score them, or score a folder of saved masks.
 
 One loop serves every dataset; what differs between datasets is data (dataset.DATASETS). The engine
-(inference.Segmenter) segments every frame and hands each mask to `finish`, which writes its PNG and
-scores it against the ground truth. Under torchrun, videos are shared out over the processes.
+(inference.Segmenter) segments every frame; helper threads write each mask's PNG and score it against the
+ground truth (`finish`). Under torchrun, videos are shared out over the processes.
 
 Scoring saved masks needs no model:
     python evaluator.py --dataset davis --data-root ../DB/VOS --results outputs/DAVIS16_val [--json FILE]
 """
 
 import argparse
-import json
+import csv
+import io
+import shutil
+import sys
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from dataset import DATASETS, DEFAULT_DATA_ROOT, DatasetSpec, Video, dataset_root, scan, test_datasets
-from inference import InferenceOptions, SegmentedFrame, Segmenter
+from inference import InferenceOptions, RunStats, SegmentedFrame, Segmenter
 from utils import distributed
+from utils.background import map_in_threads
 from utils.device import default_workers
 from utils.errors import ArgumentParser, UserError, cli_entry
-from utils.io import check_outside, check_writable, write_text_atomic
+from utils.io import (
+    FolderLock,
+    check_outside,
+    check_writable,
+    file_digest_sha256,
+    image_size,
+    read_json,
+    write_json_atomic,
+    write_text_atomic,
+)
 from utils.metrics import FrameScore, davis_summary, j_summary, score_frame
 from utils.palette import read_mask, save_palette_mask
 from utils.report import DatasetReport, StripFrame, write_report
+from utils.run_log import code_version
 
-# Which protocol each reported figure follows (docs/evaluation.md).
+# Which protocol each reported figure follows, and on which frames (docs/evaluation.md).
 PROTOCOLS = {
     "davis": "the DAVIS toolkit: every frame but each sequence's first and last; per sequence, then over sequences",
-    "authors": "the authors' code: annotated frames with a non-empty ground truth; per sequence, then over "
-               "sequences",
+    "authors": "the authors' code: annotated frames (a mask with an object); per sequence, then over sequences",
     "classes": "the mean of the class means (as HGPU and others report YouTube-Objects)",
-    "rules": "the DAVIS rules on the annotated frames (J = 1 where both masks are empty); per sequence, then over "
-             "sequences",
+    "rules": "the DAVIS rules (J, F, Decay) on the annotated frames (a mask with an object); per sequence, then "
+             "over sequences",
 }
 RULES = " (DAVIS rules)"
 
 
+def truth_score(spec: DatasetSpec, index: int, pred: np.ndarray, frame) -> FrameScore:
+    """One frame's scores against its ground truth. In a sparsely annotated set a blank mask is a placeholder
+    for a frame without annotation (dataset.DatasetSpec.sparse), so it scores as one."""
+    gt = read_mask(frame.mask, spec.mask_rule) if frame.mask is not None else None
+    if gt is not None and gt.shape != pred.shape:
+        raise UserError(f"mask {frame.mask} is {gt.shape[1]}x{gt.shape[0]}, its frame {frame.image} is "
+                        f"{pred.shape[1]}x{pred.shape[0]} (expected equal sizes)")
+    if spec.sparse and gt is not None and not gt.any():
+        gt = None
+    return score_frame(index, pred, gt)
+
+
+def scored_frames(spec: DatasetSpec, video: Video) -> list[int]:
+    """Frames to score: DAVIS drops the first and last frame; the others score the frames with a mask file
+    (those whose mask is blank then score as not annotated)."""
+    if spec.metric == "davis":
+        return list(range(1, len(video.frames) - 1))
+    return [i for i, f in enumerate(video.frames) if f.mask is not None]
+
+
+def frame_counts(spec: DatasetSpec, videos: list[Video], scores: dict[str, list[FrameScore]]) -> dict:
+    """How many videos, frames, mask files and blank masks the dataset holds, and how many frames each
+    protocol counted."""
+    frames = sum(len(v.frames) for v in videos)
+    masks = sum(len(v.annotated) for v in videos)
+    annotated = sum(s.annotated for frame_scores in scores.values() for s in frame_scores)
+    counts = {"videos": len(videos), "frames": frames, "mask_files": masks}
+    if spec.metric == "davis":
+        return {**counts, "counted": {"davis": sum(len(v.frames) - 2 for v in videos)}}
+    return {**counts, "blank_masks": masks - annotated, "counted": {"authors": annotated, "rules": annotated}}
+
+
+def annotation_line(spec: DatasetSpec, counts: dict) -> str:
+    """One line: what the dataset holds, which form of annotation was found, which frames were scored."""
+    head = f"{spec.title}: {counts['videos']} videos, {counts['frames']} frames"
+    if spec.metric == "davis":
+        return f"{head}, all annotated; scored on {counts['counted']['davis']} (each video's first and last dropped)"
+    masks, blank, scored = counts["mask_files"], counts["blank_masks"], counts["counted"]["authors"]
+    if masks == counts["frames"] and not blank:
+        form = "a mask with an object for every frame (only the annotated frames kept)"
+    elif masks == counts["frames"]:
+        form = f"a mask file for every frame, {blank} blank (placeholders for frames without annotation)"
+    else:
+        form = f"mask files for {masks} frames" + (f", {blank} blank (placeholders)" if blank else "")
+    return f"{head}, {form}; scored on the {scored} annotated frames"
+
+
 def summarise(spec: DatasetSpec, videos: list[Video], scores: dict[str, list[FrameScore]]) -> dict:
-    """The dataset's figures, each named with the protocol it follows (result["protocols"])."""
+    """The dataset's figures, each named with the protocol it follows (result["protocols"]), the frames they
+    were computed on (result["frames"], result["annotation"]) and the sequences left out for want of an
+    annotated frame (result["left_out"])."""
+    counts = frame_counts(spec, videos, scores)
     if spec.metric == "davis":
         result = davis_summary(scores)
         result["protocols"] = dict.fromkeys(result["metrics"], PROTOCOLS["davis"])
-        return result
+    else:
+        result = _sparse_summary(spec, videos, scores)
+    return {**result, "frames": counts, "annotation": annotation_line(spec, counts)}
+
+
+def _sparse_summary(spec: DatasetSpec, videos: list[Video], scores: dict[str, list[FrameScore]]) -> dict:
+    annotated = {k: [s for s in frames if s.annotated] for k, frames in scores.items()}
+    left_out = sorted(k for k, frames in annotated.items() if not frames)
+    annotated = {k: frames for k, frames in annotated.items() if frames}
     groups = {v.key: v.group for v in videos} if spec.grouped else None
-    authors = j_summary(scores, groups)
-    rules = davis_summary({k: [s for s in frames if s.annotated] for k, frames in scores.items()})
+    authors, rules = j_summary(annotated, groups), davis_summary(annotated)
     metrics = dict(authors["metrics"])
     protocols = {"J-Mean": PROTOCOLS["authors"], "J-Mean over classes": PROTOCOLS["classes"]}
     for key in ("J&F-Mean", "J-Mean", "F-Mean", "J-Decay", "F-Decay"):
         metrics[key + RULES] = rules["metrics"][key]
         protocols[key + RULES] = PROTOCOLS["rules"]
-    sequences = {k: {**({"J-Mean": authors["sequences"][k]} if k in authors["sequences"] else {}),
-                     **{key + RULES: value for key, value in rules["sequences"][k].items()}} for k in scores}
-    result = {"metrics": metrics, "protocols": {k: protocols[k] for k in metrics}, "sequences": sequences}
+    sequences = {k: {"J-Mean": authors["sequences"][k], **{key + RULES: value for key, value in
+                                                           rules["sequences"][k].items()}} for k in annotated}
+    result = {"metrics": metrics, "protocols": {k: protocols[k] for k in metrics}, "sequences": sequences,
+              "left_out": left_out}
     if "classes" in authors:
         result["classes"] = authors["classes"]
     return result
-
-
-def scored_frames(spec: DatasetSpec, video: Video) -> list[int]:
-    """Frames whose scores count: DAVIS drops the first and last frame; the others need an annotation."""
-    if spec.metric == "davis":
-        return list(range(1, len(video.frames) - 1))
-    return [i for i, f in enumerate(video.frames) if f.mask is not None]
 
 
 def finish(frame: SegmentedFrame, spec: DatasetSpec, out_dir: Path | None) -> tuple[str, FrameScore]:
@@ -73,21 +136,21 @@ def finish(frame: SegmentedFrame, spec: DatasetSpec, out_dir: Path | None) -> tu
     video, truth = frame.video, frame.video.frames[frame.index]
     if out_dir is not None:
         save_palette_mask(frame.mask, out_dir / video.key / f"{truth.stem}.png")
-    gt = read_mask(truth.mask, spec.mask_rule) if truth.mask is not None else None
-    if gt is not None and gt.shape != frame.mask.shape:
-        raise UserError(f"mask {truth.mask} is {gt.shape[1]}x{gt.shape[0]}, its frame {truth.image} is "
-                        f"{frame.mask.shape[1]}x{frame.mask.shape[0]} (expected equal sizes)")
-    return video.key, score_frame(frame.index, frame.mask, gt)
+    if truth.mask is None:
+        return video.key, score_frame(frame.index, frame.mask, None)
+    return video.key, truth_score(spec, frame.index, frame.mask, truth)
 
 
 def segment_dataset(segmenter: Segmenter, spec: DatasetSpec, videos: list[Video], *, out_dir: Path | None,
                     progress: bool = True) -> tuple[dict[str, list[FrameScore]], float]:
-    """Segment every frame, write masks under out_dir (if given); each video's frame scores and the network's
-    time in seconds."""
-    results, stats = segmenter.segment(videos, lambda frame: finish(frame, spec, out_dir), desc=spec.title,
-                                       progress=progress)
+    """Segment every frame, write masks under out_dir (if given) and score them on helper threads; each video's
+    frame scores and the network's time in seconds."""
+    stats = RunStats()
+    frames = segmenter.frames(videos, stats=stats, desc=spec.title, progress=progress)
+    helpers = max(1, segmenter.options.workers)
     scores = defaultdict(list)
-    for key, score in results:
+    for key, score in map_in_threads(lambda f: finish(f, spec, out_dir), frames, helpers,
+                                     backlog=2 * segmenter.options.batch_size + helpers):
         scores[key].append(score)
     return scores, stats.forward_s
 
@@ -95,10 +158,11 @@ def segment_dataset(segmenter: Segmenter, spec: DatasetSpec, videos: list[Video]
 def score_videos(spec: DatasetSpec, videos: list[Video], scores: dict[str, list[FrameScore]]) -> dict:
     """The dataset's metrics from its frames' scores, over the frames that count."""
     counted = {v.key: set(scored_frames(spec, v)) for v in videos}
-    return summarise(spec, videos, {k: [s for s in scores.get(k, []) if s.index in counted[k]] for k in counted})
+    return summarise(spec, videos, {k: sorted((s for s in scores.get(k, []) if s.index in counted[k]),
+                                              key=lambda s: s.index) for k in counted})
 
 
-def _score_saved_video(job):
+def _score_saved_video(job) -> tuple[str, list[FrameScore]]:
     spec, video, results_dir = job
     scores = []
     for index in scored_frames(spec, video):
@@ -107,67 +171,90 @@ def _score_saved_video(job):
         if not path.is_file():
             raise UserError(f"missing result mask {path} (expected one PNG per frame, named like the frame)")
         pred = read_mask(path, "nonzero")
-        gt = read_mask(frame.mask, spec.mask_rule)
-        if pred.shape != gt.shape:
-            raise UserError(f"result mask {path} is {pred.shape[1]}x{pred.shape[0]}, ground truth "
-                            f"{frame.mask} is {gt.shape[1]}x{gt.shape[0]}")
-        scores.append(score_frame(index, pred, gt))
+        if frame.mask is not None and pred.shape != (shape := image_size(frame.mask)):
+            raise UserError(f"result mask {path} is {pred.shape[1]}x{pred.shape[0]}, ground truth {frame.mask} is "
+                            f"{shape[1]}x{shape[0]}")
+        scores.append(truth_score(spec, index, pred, frame))
     return video.key, scores
 
 
-def score_saved(spec: DatasetSpec, videos: list[Video], results_dir, workers: int = 2) -> dict:
-    """Score saved masks (results_dir/<video>/<stem>.png, any nonzero pixel is object), on `workers` threads."""
+def score_saved(spec: DatasetSpec, videos: list[Video], results_dir, workers: int = 2) -> tuple[dict, dict]:
+    """Score saved masks (results_dir/<video>/<stem>.png, any nonzero pixel is object), on `workers` threads:
+    the dataset's figures and each video's frame scores."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise UserError(f"results folder not found: {results_dir} (expected {results_dir}/<video>/<frame>.png)")
     jobs = [(spec, v, str(results_dir)) for v in videos]
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        scores = dict(pool.map(_score_saved_video, jobs))
-    return summarise(spec, videos, scores)
+    scores = dict(map_in_threads(_score_saved_video, jobs, workers, backlog=2 * workers))
+    return summarise(spec, videos, scores), scores
+
+
+def frames_csv(spec: DatasetSpec, videos: list[Video], scores: dict[str, list[FrameScore]]) -> str:
+    """Per-frame figures, a row per scored frame: sequence, frame, whether it is annotated, J and F (empty
+    where a frame has no annotation)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["sequence", "frame", "index", "annotated", "J", "F"])
+    for video in videos:
+        for s in sorted(scores.get(video.key, []), key=lambda s: s.index):
+            writer.writerow([video.key, video.frames[s.index].stem, s.index, int(s.annotated),
+                             *(f"{v:.6f}" if s.annotated else "" for v in (s.j, s.f))])
+    return out.getvalue()
 
 
 WORST_SHOWN, FRAMES_SHOWN = 3, 4  # sequences with a strip in the report, frames in each strip
 
 
-def dataset_report(spec: DatasetSpec, videos: list[Video], result: dict, masks_dir: Path) -> DatasetReport:
-    """The report's part for one dataset: its figures, and strips of its worst sequences' saved masks."""
+def dataset_report(spec: DatasetSpec, videos: list[Video], result: dict, scores: dict[str, list[FrameScore]],
+                   masks_dir: Path) -> DatasetReport:
+    """The report's part for one dataset: its figures, each sequence's J over time, and for the worst
+    sequences strips of their worst frames (by J), read back from the saved masks."""
     worst_by = "J-Mean"
-    report = DatasetReport(spec.title, result["metrics"], result.get("protocols", {}),
-                           {k: v if isinstance(v, dict) else {worst_by: v} for k, v in result["sequences"].items()},
-                           worst_by)
+    report = DatasetReport(spec.title, result["metrics"], result.get("protocols", {}), result["sequences"],
+                           worst_by, note=result.get("annotation", ""))
     by_key = {v.key: v for v in videos}
+    for key, frame_scores in scores.items():
+        report.curves[key] = [(s.index, s.j) for s in frame_scores if s.annotated]
     ranked = sorted(report.sequences, key=lambda k: report.sequences[k].get(worst_by, float("inf")))
     for key in ranked[:WORST_SHOWN]:
-        counted = [by_key[key].frames[i] for i in scored_frames(spec, by_key[key])]
-        shown = [counted[round(i)] for i in np.linspace(0, len(counted) - 1, min(FRAMES_SHOWN, len(counted)))]
-        report.strips[key] = [StripFrame(f.stem, f.image, f.flow, masks_dir / key / f"{f.stem}.png", f.mask,
-                                         spec.mask_rule) for f in shown]
+        worst = sorted((s for s in scores.get(key, []) if s.annotated), key=lambda s: (s.j, s.index))
+        shown = sorted(worst[:FRAMES_SHOWN], key=lambda s: s.index)
+        report.strips[key] = [StripFrame(f"{f.stem} (J {s.j:.3f})", f.image, f.flow, masks_dir / key / f"{f.stem}.png",
+                                         f.mask, spec.mask_rule)
+                              for s in shown for f in (by_key[key].frames[s.index],)]
     return report
+
+
+def _figure(value) -> str:
+    return "n/a" if value is None or value != value else f"{value:.4f}"
 
 
 def format_table(spec: DatasetSpec, result: dict) -> str:
     metrics = result["metrics"]
-    lines = [f"== {spec.title} =="]
+    tta = f" [{result['tta']}]" if result.get("tta") else ""
+    lines = [f"== {spec.title}{tta} =="]
+    if result.get("annotation"):
+        lines.append(result["annotation"])
     if spec.metric == "davis":
         lines.append("  ".join(f"{k:>9}" for k in metrics))
-        lines.append("  ".join(f"{v:9.4f}" for v in metrics.values()))
+        lines.append("  ".join(f"{_figure(v):>9}" for v in metrics.values()))
     else:  # figures of several protocols: a line per protocol
         groups: dict[str, list[str]] = {}
         for key, value in metrics.items():
-            groups.setdefault(result["protocols"][key], []).append(f"{key.removesuffix(RULES)} {value:.4f}")
+            groups.setdefault(result["protocols"][key], []).append(f"{key.removesuffix(RULES)} {_figure(value)}")
         lines += [f"  {'  '.join(figures)}   [{protocol}]" for protocol, figures in groups.items()]
     if "classes" in result:
-        lines.append("per class (J-Mean): " + ", ".join(f"{c} {v:.4f}" for c, v in result["classes"].items()))
+        lines.append("per class (J-Mean): " + ", ".join(f"{c} {_figure(v)}" for c, v in result["classes"].items()))
+    if result.get("left_out"):
+        lines.append(f"left out, no annotated frame: {', '.join(result['left_out'])}")
+    if undefined := [k for k, v in metrics.items() if v is None or v != v]:
+        lines.append(f"undefined (no frame to compute them on; null in the JSON): {', '.join(undefined)}")
     if "speed" in result:
         s = result["speed"]
         lines.append(f"{s['frames']} frames; forward {s['forward_fps']:.1f} fps, "
                      f"end-to-end {s['end_to_end_fps']:.1f} fps" + (f" ({s['processes']} processes)"
                                                                     if s["processes"] > 1 else ""))
     return "\n".join(lines)
-
-
-def write_json(results: dict, path) -> None:
-    write_text_atomic(json.dumps(results, indent=2, sort_keys=False) + "\n", path)
 
 
 def scan_datasets(names, data_root, overrides: dict) -> dict[str, list[Video]]:
@@ -189,8 +276,9 @@ def speed(frames: int, forward_s: float, elapsed_s: float, processes: int = 1) -
 
 
 def evaluate_dataset(segmenter: Segmenter, spec: DatasetSpec, videos: list[Video], *, out_dir: Path | None = None,
-                     progress: bool = True, ctx: distributed.Context | None = None) -> dict | None:
-    """Segment and score one dataset: its metrics and speeds.
+                     progress: bool = True, ctx: distributed.Context | None = None,
+                     frame_scores: dict | None = None) -> dict | None:
+    """Segment and score one dataset: its metrics and speeds (and, into `frame_scores`, every frame's scores).
 
     Under torchrun (`ctx`), the videos are shared out over the processes, each segmented whole by one of
     them, and rank 0 scores the gathered frame scores in the dataset's own video order, so the tables equal
@@ -205,6 +293,11 @@ def evaluate_dataset(segmenter: Segmenter, spec: DatasetSpec, videos: list[Video
         return None
     merged = {k: v for part, *_ in gathered for k, v in part.items()}
     result = score_videos(spec, videos, merged)
+    if frame_scores is not None:
+        frame_scores.update(merged)
+    if tta := segmenter.options.tta.name:
+        result["tta"] = tta
+        result["protocols"] = {k: f"{p} [{tta}]" for k, p in result["protocols"].items()}
     # The slowest process sets the pace of a sharded run.
     result["speed"] = speed(sum(g[1] for g in gathered), max(g[2] for g in gathered), max(g[3] for g in gathered),
                             ctx.world_size)
@@ -220,34 +313,95 @@ def checked_results_path(path) -> Path:
     return path
 
 
+# What a test run writes in its --output besides each dataset's mask folder.
+TEST_FILES = ("results.json", "report.html", "report_files", "per_frame")
+
+
+def run_record(checkpoint, options: InferenceOptions, size: int) -> dict:
+    """What produced a results file: the checkpoint (and its SHA-256), the settings that change the figures,
+    the command and the code."""
+    return {"checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": file_digest_sha256(checkpoint),
+            "size": size, "amp": options.amp, "tta": options.tta.name or "off", "command": " ".join(sys.argv),
+            "code": code_version()}
+
+
+_IDENTITY = ("checkpoint_sha256", "size", "amp", "tta")  # fields whose change makes other figures
+
+
+def claim_results(output: Path, json_path: Path, run: dict, overwrite: bool) -> dict:
+    """The figures already in `json_path` that this run may keep: those of the same model and settings. A
+    results file of another model or settings stops the run, unless --overwrite, which deletes what that test
+    wrote in `output` (its mask folders, report and per-frame files), and nothing else."""
+    earlier = read_json(json_path) if json_path.is_file() else None
+    if earlier is None:
+        return {}
+    before = earlier.get("run", {})
+    differ = [k for k in _IDENTITY if before.get(k) != run[k]]
+    if not differ:
+        return earlier.get("datasets", {})
+    if not overwrite:
+        raise UserError(f"{json_path} holds figures of another {'model' if 'checkpoint_sha256' in differ else 'run'} "
+                        f"({before.get('checkpoint', 'unknown')}; {differ[0]} differs); a results file never mixes "
+                        "two, so choose another --output, or --overwrite to replace them")
+    for name in earlier.get("datasets", {}):
+        if name in DATASETS and (output / DATASETS[name].output).is_dir():
+            shutil.rmtree(output / DATASETS[name].output)
+    for name in TEST_FILES:
+        target = output / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+    if json_path.exists():
+        json_path.unlink()
+    return {}
+
+
 def evaluate(model, names: list[str], data_root, overrides: dict, output, options: InferenceOptions, *,
-             json_path=None, save_masks: bool = True, ctx: distributed.Context | None = None) -> dict:
-    """`run.py --test`: every dataset in `names`, masks to output/<dataset folder>/, tables and JSON.
+             checkpoint, json_path=None, overwrite: bool = False, save_masks: bool = True,
+             ctx: distributed.Context | None = None) -> dict:
+    """`run.py --test`: every dataset in `names`, masks to output/<dataset folder>/, tables, JSON, per-frame
+    CSVs and the report.
 
     Under torchrun (`ctx`), videos are shared out over the processes and rank 0 writes the tables. The
-    JSON is rewritten after each dataset, so a stopped run keeps the datasets it finished."""
+    JSON is rewritten after each dataset, so a stopped run keeps the datasets it finished; it records the
+    checkpoint and settings, and keeps earlier figures only if they are of the same model and settings."""
     ctx = ctx or distributed.Context(0, 1, options.device)
+    output = Path(output)
     roots = [dataset_root(DATASETS[n], data_root, overrides.get(n)) for n in names if n in DATASETS]
-    check_outside(output, roots, "--output")
+    inputs = [*roots, Path(checkpoint)]
+    check_outside(output, inputs, "--output")
     if json_path is not None:
-        check_outside(json_path, roots, "--json")
-    output = check_writable(output)
-    json_path = checked_results_path(json_path or output / "results.json")
+        check_outside(json_path, inputs, "--json")
     videos = scan_datasets(names, data_root, overrides)
     segmenter = Segmenter(model, options)
-    results, reports = {}, []
-    for name in names:
-        spec = DATASETS[name]
-        out_dir = output / spec.output if save_masks else None
-        result = evaluate_dataset(segmenter, spec, videos[name], out_dir=out_dir, ctx=ctx)
-        if ctx.is_main:
-            results[name] = result
-            print(format_table(spec, result), flush=True)
-            write_json(results, json_path)
-            if out_dir is not None:
-                reports.append(dataset_report(spec, videos[name], result, out_dir))
-                write_report(output / "report.html", reports, f"DepthFlow test run: {output}")
-    return results
+    lock = None
+    if ctx.is_main:
+        lock = FolderLock(output, "--output").acquire()
+        json_path = checked_results_path(json_path or output / "results.json")
+        run = run_record(checkpoint, options, model.size)
+        results = {"run": run, "datasets": claim_results(output, json_path, run, overwrite)}
+        write_json_atomic(results, json_path)
+    try:
+        reports = []
+        for name in names:
+            spec = DATASETS[name]
+            out_dir = output / spec.output if save_masks else None
+            frame_scores: dict = {}
+            result = evaluate_dataset(segmenter, spec, videos[name], out_dir=out_dir, ctx=ctx,
+                                      frame_scores=frame_scores)
+            if ctx.is_main:
+                results["datasets"][name] = result
+                print(format_table(spec, result), flush=True)
+                write_json_atomic(results, json_path)
+                write_text_atomic(frames_csv(spec, videos[name], frame_scores), output / "per_frame" / f"{name}.csv")
+                if out_dir is not None:
+                    reports.append(dataset_report(spec, videos[name], result, frame_scores, out_dir))
+                    write_report(output / "report.html", reports, f"DepthFlow test run: {output}", run=results["run"])
+        return results if ctx.is_main else {}
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 @cli_entry
@@ -259,26 +413,31 @@ def main(argv=None):
     parser.add_argument("--results", required=True, help="folder of masks: RESULTS/<video>/<frame>.png")
     parser.add_argument("--json", help="also write the metrics to this file")
     parser.add_argument("--report", help="the HTML report (default: <RESULTS folder name>_report.html beside --json, "
-                                         "or in the current folder)")
+                                         "or in the current folder); the per-frame CSV goes beside it")
     parser.add_argument("--workers", type=int, default=default_workers(), help="scoring threads (default: the "
                                                                              "machine's cores, up to 8)")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        raise UserError(f"--workers {args.workers}: expected an integer of at least 1")
     spec = DATASETS[args.dataset]
     root = dataset_root(spec, args.data_root, args.dataset_root)
     results = Path(args.results)
     report = Path(args.report) if args.report else \
         (Path(args.json).parent if args.json else Path.cwd()) / f"{results.name}_report.html"
-    for flag, path in (("--json", args.json), ("--report", report)):
+    per_frame = report.with_name(report.name.removesuffix(".html").removesuffix("_report") + "_frames.csv")
+    for flag, path in (("--json", args.json), ("--report", report), ("--report", per_frame)):
         if path:
             check_outside(path, [root, results], flag)
     json_path = checked_results_path(args.json) if args.json else None
     videos = scan(spec, root)
-    result = score_saved(spec, videos, args.results, workers=args.workers)
+    result, scores = score_saved(spec, videos, args.results, workers=args.workers)
     print(format_table(spec, result))
     if json_path:
-        write_json({args.dataset: result}, json_path)
-    page = write_report(report, [dataset_report(spec, videos, result, results)], f"Scores of {results}")
-    print(f"report: {page}")
+        run = {"results": str(results.resolve()), "command": " ".join(sys.argv), "code": code_version()}
+        write_json_atomic({"run": run, "datasets": {args.dataset: result}}, json_path)
+    write_text_atomic(frames_csv(spec, videos, scores), per_frame)
+    page = write_report(report, [dataset_report(spec, videos, result, scores, results)], f"Scores of {results}")
+    print(f"report: {page}; per-frame figures: {per_frame}")
 
 
 if __name__ == "__main__":

@@ -13,17 +13,18 @@ import torch
 from PIL import Image
 
 # "nearest": palette masks (DAVIS, YouTube-VOS), resized as 0/1 labels. "bicubic": DUTSv2's grey masks,
-# resized as [0, 1] object levels with bicubic interpolation and thresholded at 0.5.
+# resized as 8-bit grey images with PIL's bicubic filter and thresholded at half scale (level / 255 > 0.5),
+# as the authors' loader does.
 MASK_RESIZE = ("nearest", "bicubic")
 
 
 def resize_mask(mask: np.ndarray, size: int, mode: str) -> np.ndarray:
-    """HxW mask (0/1 labels for "nearest", float levels in [0, 1] for "bicubic") -> size x size 0/1 uint8."""
+    """HxW uint8 mask (0/1 labels for "nearest", grey levels 0-255 for "bicubic") -> size x size 0/1 uint8."""
     if mode == "nearest":
         return np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((size, size), Image.NEAREST))
     if mode == "bicubic":
-        soft = Image.fromarray(mask.astype(np.float32)).resize((size, size), Image.BICUBIC)
-        return (np.asarray(soft) > 0.5).astype(np.uint8)
+        grey = Image.fromarray(mask.astype(np.uint8)).resize((size, size), Image.BICUBIC)
+        return (np.asarray(grey) > 127).astype(np.uint8)
     raise ValueError(f"unknown mask resize {mode!r}; expected one of {MASK_RESIZE}")
 
 

@@ -72,6 +72,7 @@ def main(argv=None):
     model_name = f"dpt-{args.dpt_model}" if args.dpt_model else args.depth_model
     duts, out = Path(args.duts), Path(args.out)
     ctx = distributed.init(args.device)
+    lock = distributed.lock_folder(out, "--out", ctx)
     try:
         if args.depth_dir:
             source, cache = DepthFolder(Path(args.depth_dir), list_duts(duts)), None
@@ -81,7 +82,9 @@ def main(argv=None):
         report = convert(duts, out, source, seed=args.seed, config=config, batch_size=args.batch_size,
                          cache_dir=cache, ctx=ctx)
     finally:
-        distributed.shutdown(ctx)
+        if lock is not None:
+            lock.release()
+    distributed.shutdown(ctx)
     who = f"rank {ctx.rank} of {ctx.world_size}: " if ctx.distributed else ""
     print(f"{who}DUTSv2 at {out}: {report.done} images converted, {report.resumed} already done, "
           f"{len(report.skipped)} skipped" + (f" (see {out / 'skipped.tsv'})" if report.skipped else ""))

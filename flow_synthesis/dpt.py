@@ -17,6 +17,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import StdConv2dSame, pad_same
 from torch import nn
 
 from utils.errors import UserError
@@ -98,6 +99,33 @@ class FusionBlock(nn.Module):
         return self.out_conv(x)
 
 
+# The hybrid's ResNet standardises each convolution's weights. The DPT repository runs it with the timm 0.4.5
+# it pins, as the original ViT-R50 code does: (w - mean) / (std + 1e-5), std without Bessel's correction; the
+# weights were trained so. timm 0.6 and later compute (w - mean) / sqrt(var + 1e-8), which differs by about
+# 1e-5 / std relative: ~1e-4 of the depth range for a filter of std 0.045, ~3% for one of std 0.00045.
+DPT_STD_EPS = 1e-5
+
+
+class DPTStdConv2dSame(StdConv2dSame):
+    """timm's StdConv2dSame with the DPT repository's standardisation (DPT_STD_EPS above)."""
+
+    def forward(self, x):
+        if self.same_pad:
+            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        std, mean = torch.std_mean(self.weight, dim=(1, 2, 3), keepdim=True, unbiased=False)
+        weight = (self.weight - mean) / (std + DPT_STD_EPS)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def standardise_as_dpt(module: nn.Module) -> int:
+    """Give every StdConv2dSame in `module` the DPT repository's standardisation; returns how many. The
+    modules keep their parameters and names: only the arithmetic of their forward changes."""
+    convs = [m for m in module.modules() if type(m) is StdConv2dSame]
+    for conv in convs:
+        conv.__class__ = DPTStdConv2dSame
+    return len(convs)
+
+
 class DPT(nn.Module):
     """DPT depth network. forward: Bx3xHxW normalised input (H, W multiples of 32) -> BxHxW inverse depth."""
 
@@ -109,6 +137,8 @@ class DPT(nn.Module):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # timm notes that the hybrid's old name is an alias
             self.pretrained.model = timm.create_model(spec.timm_name, pretrained=False)
+        if spec.hybrid:
+            standardise_as_dpt(self.pretrained.model)
         v, f = spec.vit_features, spec.features
         if not spec.hybrid:
             self.pretrained.act_postprocess1 = Postprocess(v, f[0], nn.ConvTranspose2d(f[0], f[0], 4, stride=4))

@@ -14,22 +14,28 @@ number of processes.
 """
 
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from flow_synthesis.depth import DepthCache
 from flow_synthesis.depth_to_flow import SynthesisConfig, params_record, synthesise
 from utils import distributed
 from utils.errors import UserError
 from utils.flow_viz import flow_to_rgb
-from utils.io import atomic_path, file_digest, image_is_complete, read_image, save_image_atomic, write_text_atomic
+from utils.io import (
+    append_line,
+    copy_file_atomic,
+    file_digest,
+    image_is_complete,
+    read_image,
+    save_image_atomic,
+    write_text_atomic,
+)
 from utils.palette import read_mask
+from utils.progress import progress as progress_bar
 
 IMAGE_DIR, MASK_DIR = "DUTS-TR-Image", "DUTS-TR-Mask"
 
@@ -102,10 +108,7 @@ def _check_settings(out_root: Path, settings: dict) -> None:
 
 
 def _append(manifest: Path, record: dict) -> None:
-    with open(manifest, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    append_line(manifest, json.dumps(record), durable=True)
 
 
 def _merge(out_root: Path, stems: list[str], skipped: list[tuple[str, str]]) -> None:
@@ -141,7 +144,7 @@ def convert(duts_root, out_root, depth_source, *, seed: int = 0, config: Synthes
     report = Report(resumed=len(finished) if ctx.is_main else 0)
     cache = DepthCache(cache_dir, depth_source.name) if cache_dir is not None else None
     manifest = out_root / f"manifest.{ctx.rank}.jsonl"
-    with tqdm(total=len(mine), unit="image", desc="DUTS -> DUTSv2", disable=None if progress else True) as bar:
+    with progress_bar(len(mine), "DUTS -> DUTSv2", unit="image", enabled=progress) as bar:
         for start in range(0, len(mine), batch_size):
             chunk = mine[start:start + batch_size]
             for record in _convert_batch(duts_root, out_root, chunk, depth_source, cache, seed, config, report):
@@ -178,10 +181,8 @@ def _convert_batch(duts_root, out_root, stems, depth_source, cache, seed, config
         flow, params = synthesise(depth, mask, stem, seed, config)
         image_out, flow_out, mask_out = _outputs(out_root, stem)
         image_in, mask_in = _inputs(duts_root, stem)
-        with atomic_path(image_out) as tmp:
-            shutil.copyfile(image_in, tmp)
-        with atomic_path(mask_out) as tmp:
-            shutil.copyfile(mask_in, tmp)
+        copy_file_atomic(image_in, image_out)
+        copy_file_atomic(mask_in, mask_out)
         save_image_atomic(Image.fromarray(flow_to_rgb(flow)), flow_out, quality=95)
         records.append({**params_record(stem, params), "image_sha1": image_sha1, "mask_sha1": mask_sha1,
                         "depth": depth_source.name})

@@ -20,6 +20,7 @@ are shared out over the processes, each on its own GPU; the files are those one 
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import cv2
@@ -27,7 +28,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 from dataset import DATASETS, DEFAULT_DATA_ROOT, dataset_root, video_datasets
 from utils import distributed
@@ -42,9 +42,11 @@ from utils.io import (
     save_image_atomic,
     write_text_atomic,
 )
+from utils.progress import progress as progress_bar
 
 RAFT_WEIGHTS = "raft_large_C_T_SKHT_V2-ff5fadd5.pth"
-RAFT_MIN_SIDE = 128  # its correlation pyramid needs 1/8-resolution features of at least 16 pixels
+RAFT_MIN_SIDE = 128  # its correlation pyramid needs 1/8-resolution features of at least 16 pixels: smaller
+# frames are enlarged to it and their flows shrunk back (vectors scaled with them)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int = 8) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
@@ -69,7 +71,7 @@ class RAFTFlow:
 
         from model.checkpoints import load_strictly, read_file
 
-        state = read_file(weights, f"torchvision's {RAFT_WEIGHTS} (see README, 'Optical flow for videos')")
+        state = read_file(weights, f"torchvision's {RAFT_WEIGHTS} (docs/flow_synthesis.md, 'Optical flow for videos')")
         self.model = raft_large(weights=None)
         load_strictly(self.model, state, weights, "torchvision's RAFT-Large")
         self.model.eval().to(device)
@@ -81,13 +83,20 @@ class RAFTFlow:
             x = torch.stack([torch.from_numpy(f).permute(2, 0, 1) for f in frames]).float().to(self.device)
             return x / 127.5 - 1.0
 
-        if min(first[0].shape[:2]) < RAFT_MIN_SIDE:
-            raise UserError(f"RAFT needs frames of at least {RAFT_MIN_SIDE}x{RAFT_MIN_SIDE} pixels, these are "
-                            f"{first[0].shape[0]}x{first[0].shape[1]}; DIS works at any size")
+        h, w = first[0].shape[:2]
+        scale = max(1.0, RAFT_MIN_SIDE / min(h, w))  # small frames are enlarged to RAFT's minimum, flows shrunk back
+        if scale > 1:
+            size = (math.ceil(w * scale), math.ceil(h * scale))
+            first, second = ([cv2.resize(f, size, interpolation=cv2.INTER_CUBIC) for f in fs] for fs in (first, second))
         a, pads = pad_to_multiple(batch(first))
         b, _ = pad_to_multiple(batch(second))
         flow = self.model(a, b, num_flow_updates=self.iterations)[-1]
-        return list(crop_padding(flow, pads).permute(0, 2, 3, 1).cpu().numpy())
+        flows = list(crop_padding(flow, pads).permute(0, 2, 3, 1).cpu().numpy())
+        if scale > 1:
+            big_h, big_w = flows[0].shape[:2]
+            ratio = np.array([w / big_w, h / big_h], np.float32)  # pixels of the enlarged frame -> of the frame
+            flows = [cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) * ratio for f in flows]
+        return flows
 
 
 class DISFlow:
@@ -126,13 +135,14 @@ def video_flows(frames: list[Path], out_dir: Path, backend, batch_size: int = 4,
     records = _read_records(out_dir / RECORD)
     todo = [i for i, f in enumerate(frames) if records.get(f.stem) != wanted[f.stem]
             or not image_is_complete(targets[i])]
-    for start in tqdm(range(0, len(todo), batch_size), desc=out_dir.name, unit="batch",
-                      disable=None if progress else True, leave=False):
-        chunk = todo[start:start + batch_size]
-        for i, flow in zip(chunk, _flows(frames, chunk, backend)):
-            save_image_atomic(Image.fromarray(flow_to_rgb(flow)), targets[i], quality=95)
-            records[frames[i].stem] = wanted[frames[i].stem]
-        write_text_atomic(json.dumps(records, indent=1, sort_keys=True) + "\n", out_dir / RECORD)
+    with progress_bar(len(todo), f"flows {out_dir.name}", enabled=progress) as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            for i, flow in zip(chunk, _flows(frames, chunk, backend)):
+                save_image_atomic(Image.fromarray(flow_to_rgb(flow)), targets[i], quality=95)
+                records[frames[i].stem] = wanted[frames[i].stem]
+            write_text_atomic(json.dumps(records, indent=1, sort_keys=True) + "\n", out_dir / RECORD)
+            bar.update(len(chunk))
     return len(todo)
 
 
@@ -168,13 +178,12 @@ def dataset_videos(name: str, root: Path) -> list[tuple[Path, Path]]:
     return [(v, root / spec.flows / v.relative_to(images)) for v in videos]
 
 
-def make_flow_backend(method: str, raft_weights, device, iterations: int = 20):
-    """RAFT when asked for, or with method "auto" when weights are given or lie in the working folder; else DIS."""
-    if raft_weights is None and Path(RAFT_WEIGHTS).is_file():
-        raft_weights = RAFT_WEIGHTS
+def make_flow_backend(method: str, raft_weights, device, iterations: int = 20, flag: str = "--method"):
+    """RAFT when asked for ("raft"), or with "auto" when weights are given; DIS otherwise."""
     if method == "raft" or (method == "auto" and raft_weights):
         if not raft_weights:
-            raise UserError(f"--method raft needs --raft-weights FILE (torchvision's {RAFT_WEIGHTS})")
+            raise UserError(f"{flag} raft needs --raft-weights FILE (torchvision's {RAFT_WEIGHTS}; "
+                            "python -m tools.archives fetch raft-large)")
         return RAFTFlow(raft_weights, device, iterations)
     return DISFlow()
 
@@ -192,7 +201,7 @@ def main(argv=None):
     parser.add_argument("--dataset-root", metavar="DIR", help="with --dataset: its own folder (default "
                                                               "DATA_ROOT/<its folder>, e.g. DATA_ROOT/DAVIS)")
     parser.add_argument("--method", choices=("auto", "raft", "dis"), default="auto",
-                        help="auto: RAFT if weights are given or found in the working folder, else DIS")
+                        help="auto: RAFT if --raft-weights is given, else DIS")
     parser.add_argument("--raft-weights", help=f"torchvision RAFT-Large weights ({RAFT_WEIGHTS})")
     parser.add_argument("--iterations", type=int, default=20, help="RAFT refinement iterations (default 20)")
     parser.add_argument("--batch-size", type=int, default=4, help="frame pairs per RAFT batch (default 4)")
@@ -208,6 +217,7 @@ def main(argv=None):
         spec = DATASETS[args.dataset]
         jobs = dataset_videos(args.dataset, dataset_root(spec, args.data_root, args.dataset_root))
     ctx = distributed.init(args.device)
+    lock = distributed.lock_folder(Path(args.out) if args.frames else jobs[0][1].parent, "output folder", ctx)
     try:
         backend = make_flow_backend(args.method, args.raft_weights, ctx.device, args.iterations)
         if ctx.is_main:
@@ -215,9 +225,10 @@ def main(argv=None):
         listed = [(list_frames(frames), out) for frames, out in jobs]
         mine = [listed[i] for i in distributed.shard_by_size([len(f) for f, _ in listed], ctx)]
         computed = sum(video_flows(frames, out, backend, args.batch_size) for frames, out in mine)
-        distributed.barrier(ctx)
     finally:
-        distributed.shutdown(ctx)
+        if lock is not None:
+            lock.release()
+    distributed.shutdown(ctx)
     who = f"rank {ctx.rank} of {ctx.world_size}: " if ctx.distributed else ""
     print(f"{who}wrote {computed} flow images for {len(mine)} video(s)")
 

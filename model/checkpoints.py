@@ -11,7 +11,7 @@ import torch
 
 from model import mit_keys
 from model.depthflow import DepthFlow
-from model.encoders import is_mit
+from model.encoders import is_mit, load_imagenet
 from model.mit import HF_LAYER_NORM_EPS, MIT_SPECS
 from utils.errors import UserError
 from utils.io import save_torch_atomic
@@ -19,9 +19,9 @@ from utils.io import save_torch_atomic
 PROJECT_FORMAT = "depthflow-project"
 PROJECT_VERSION = 1
 
-RELEASED_HINT = "the authors' release (DepthFlow_mitb*.pth or FakeFlow_mitb*.pth; see README, 'Downloads')"
+RELEASED_HINT = "the authors' release (DepthFlow_mitb*.pth or FakeFlow_mitb*.pth; docs/data.md, 'Checkpoints')"
 PRETRAINED_HINT = ("the HF hub repo nvidia/mit-b* (pytorch_model.bin or model.safetensors) or NVlabs SegFormer's "
-                   "mit_b*.pth for MiT; a timm checkpoint of the model for timm:<name> (see README, 'Downloads')")
+                   "mit_b*.pth for MiT; a timm checkpoint of the model for timm:<name> (docs/data.md, 'Checkpoints')")
 MIT_NAMES = ", ".join(MIT_SPECS)
 
 # Released names of the two encoders, and where the HF encoder sits inside each.
@@ -33,6 +33,9 @@ def read_file(path, hint: str) -> dict:
     """Load a .pth/.bin (weights_only) or .safetensors file as a dict, or fail with one line."""
     path = Path(path)
     if not path.is_file():
+        beside = sorted(p.name for p in path.parent.glob("*.pth")) if path.parent.is_dir() else []
+        if beside:  # a run's folder, say, whose best.pth was never written: name what is there instead
+            raise UserError(f"checkpoint not found: {path} ({path.parent} holds {', '.join(beside[:4])})")
         raise UserError(f"checkpoint not found: {path} (expected a file from {hint})")
     try:
         if path.suffix == ".safetensors":
@@ -67,13 +70,8 @@ def detect_format(obj: dict) -> str:
     sd = _unwrap(obj)
     if any(k.startswith("vos.") for k in sd):
         return "released"
-    if any(k.startswith(("segformer.encoder.", "encoder.patch_embeddings.")) for k in sd):
-        return "hf-mit"
-    if "patch_embed1.proj.weight" in sd:
-        return "nvlabs-mit"
-    if "patch_embed.proj.weight" in sd:
-        return "timm-mit"
-    return "unknown"
+    layout, _ = mit_keys.encoder_weights(sd)
+    return f"{layout}-mit" if layout else "unknown"
 
 
 def released_to_model(state_dict: dict) -> tuple[dict, str]:
@@ -102,6 +100,8 @@ def model_to_released(model: DepthFlow) -> dict:
     (ValueError saying what would be lost) rather than written as a file that loads as a different model."""
     lost = [what for what, kept in (
         (f"the backbone {model.backbone} (the layout holds MiT only)", is_mit(model.backbone)),
+        (f"a motion encoder ({model.flow_backbone}) other than the appearance one (the layout holds one MiT "
+         "version)", model.flow_backbone in (None, model.backbone)),
         (f"the internal size {model.size} (the layout implies 512)", model.size == 512),
         (f"LayerNorm eps {model.layer_norm_eps} (the layout implies {HF_LAYER_NORM_EPS})",
          model.layer_norm_eps == HF_LAYER_NORM_EPS)) if not kept]
@@ -140,78 +140,58 @@ def _backbone_mismatch(path, found: str, wanted: str) -> UserError:
 def load_depthflow(path, backbone: str | None = None, size: int | None = None, map_location="cpu") -> DepthFlow:
     """Build DepthFlow from a released or project checkpoint. `backbone`, if given, must match the file.
 
-    `size` defaults to the resolution the weights were trained at: the project checkpoint's, or 512.
+    `size` defaults to the resolution the weights were trained at: the project checkpoint's, or 512. A
+    project checkpoint builds its encoders from the descriptions it stores; a released file holds MiT-B0,
+    B1 or B2, told apart by their widths and depths.
     """
     obj = read_file(path, RELEASED_HINT)
     fmt = detect_format(obj)
     if fmt == "project":
-        config = obj["config"]
-        found, eps, state_dict = config["backbone"], config["layer_norm_eps"], obj["model"]
-        trained_size = config["size"]
+        config = dict(obj["config"])
+        state_dict, trained_size = obj["model"], config.pop("size")
     elif fmt == "released":
         try:
             state_dict, found = released_to_model(obj)
         except (ValueError, KeyError) as err:
             raise UserError(f"{path} looks like a released DepthFlow checkpoint but is incomplete: {err}") from None
-        eps, trained_size = HF_LAYER_NORM_EPS, 512
+        config, trained_size = {"backbone": found, "layer_norm_eps": HF_LAYER_NORM_EPS}, 512
     elif fmt in ("hf-mit", "nvlabs-mit", "timm-mit"):
         raise UserError(f"{path} holds ImageNet MiT encoder weights ({fmt}), not a DepthFlow model; "
                         f"such weights only start a training run; a DepthFlow model file is expected here")
     else:
         raise UserError(f"{path} is not a DepthFlow checkpoint (expected a file from {RELEASED_HINT} "
                         f"or a training checkpoint of this project)")
-    if backbone is not None and found != backbone:
-        raise _backbone_mismatch(path, found, backbone)
+    if backbone is not None and config["backbone"] != backbone:
+        raise _backbone_mismatch(path, config["backbone"], backbone)
     if bad := next((k for k, v in state_dict.items() if v.is_floating_point() and not v.isfinite().all()), None):
         raise UserError(f"{path} holds NaN or infinite weights ({bad}); it cannot segment anything")
     with torch.device("meta"):  # no random initialisation of weights that the file replaces
-        model = DepthFlow(found, size=size or trained_size, layer_norm_eps=eps)
+        model = DepthFlow(size=size or trained_size, **config)
     load_strictly(model, state_dict, path, "the DepthFlow network", assign=True)
     return model.to(map_location)
 
 
-def load_pretrained(model: DepthFlow, path) -> str:
-    """Initialise both encoders from ImageNet weights: MiT from the HF hub or NVlabs layout, a timm backbone
-    from its timm checkpoint (classifier keys dropped). Returns the layout found."""
-    obj = _unwrap(read_file(path, PRETRAINED_HINT))
-    if not is_mit(model.backbone):
-        return _load_timm_pretrained(model, obj, path)
-    fmt = detect_format(obj)
-    if fmt == "hf-mit":
-        sd = _strip(obj, "segformer.") if any(k.startswith("segformer.") for k in obj) else obj
-        sd, layout = _strip(sd, "encoder."), "hf"
-    elif fmt == "nvlabs-mit":
-        sd, layout = {k: v for k, v in obj.items() if not k.startswith("head.")}, "nvlabs"
-    elif fmt == "timm-mit":
-        sd, layout = {k: v for k, v in obj.items() if not k.startswith("head.")}, "timm"
-    else:
-        raise UserError(f"{path} is not an ImageNet MiT checkpoint (expected {PRETRAINED_HINT})")
-    found = mit_keys.infer_backbone(sd, layout)
-    if found is None:
-        raise UserError(f"{path} matches no MiT layout ({MIT_NAMES}; expected {PRETRAINED_HINT})")
-    if found != model.backbone:
-        raise _backbone_mismatch(path, found, model.backbone)
-    try:
-        timm_sd = mit_keys.convert(sd, found, layout, "timm")
-    except mit_keys.KeyMismatch as err:
-        raise UserError(f"{path}: {err}") from None
-    for encoder in (model.appearance_encoder, model.motion_encoder):
-        encoder.mit.load_state_dict(timm_sd, strict=True)
+def load_pretrained(model: DepthFlow, path, stream: str = "both") -> str:
+    """Initialise encoders from ImageNet weights, each by its family's rules (MiT: HF hub, NVlabs or timm
+    layout; timm: a timm checkpoint of the model). `stream`: "both", "appearance" or "motion". Returns the
+    layout found."""
+    weights = _unwrap(read_file(path, PRETRAINED_HINT))
+    streams = ("appearance", "motion") if stream == "both" else (stream,)
+    layout = ""
+    for name in streams:
+        encoder = getattr(model, f"{name}_encoder")
+        try:
+            layout = load_imagenet(encoder, model.encoders[name], weights, str(path))
+        except (ValueError, mit_keys.KeyMismatch) as err:
+            raise UserError(f"{path} does not fit the {name} encoder ({model.encoders[name]['name']}): {err}; "
+                            f"expected {PRETRAINED_HINT}") from None
     return layout
 
 
-def _load_timm_pretrained(model: DepthFlow, obj: dict, path) -> str:
-    """The feature extractor keeps the full model's module names, so its keys are the checkpoint's minus
-    the layers it drops (the classifier and anything after the last feature map)."""
-    wanted = model.appearance_encoder.features.state_dict().keys()
-    sd = {k: v for k, v in obj.items() if k in wanted}
-    for encoder in (model.appearance_encoder, model.motion_encoder):
-        load_strictly(encoder.features, sd, path, f"the {model.backbone} encoder")
-    return "timm"
-
-
 def model_config(model: DepthFlow) -> dict:
-    return {"backbone": model.backbone, "size": model.size, "layer_norm_eps": model.layer_norm_eps}
+    """What rebuilds the model: its backbones, size, LayerNorm eps and its encoders' descriptions."""
+    return {"backbone": model.backbone, "flow_backbone": model.flow_backbone, "size": model.size,
+            "layer_norm_eps": model.layer_norm_eps, "encoders": model.encoders}
 
 
 def save_project_checkpoint(path, model: DepthFlow, state_dict: dict | None = None, **training_state) -> None:

@@ -1,65 +1,57 @@
-"""The encoder factory: every backbone DepthFlow can use, by name.
+"""The encoder registry: every backbone family DepthFlow can use.
 
-- `mitb0` ... `mitb5`: MiT, SegFormer's encoder (model/mit.py; the paper's B0, B1 and B2, and the larger
-  sizes from the same table).
-- `timm:<model name>`: any timm model that gives feature maps at strides 4, 8, 16 and 32 through
-  `features_only` (ConvNeXt, Swin, PVTv2, ResNet, EfficientNet, ...), ImageNet-normalised with the
-  model's own mean and std.
+Each family is one module and one entry of FAMILIES (as timm registers its model families), owning three
+things: `describe(name)`, the description a checkpoint stores (so a model reloads as it was built, with no
+guessing from weight shapes); `build(description, layer_norm_eps)`; and `load_imagenet(encoder, weights,
+source)`, which reads that family's pretrained files in every layout users hold.
+
+- `mitb0` ... `mitb5`: MiT, SegFormer's encoder (model/mit.py; the paper's B0, B1 and B2).
+- `timm:<model name>`: any timm model with feature maps at strides 4 to 32 (model/timm_features.py).
 
 An encoder takes a Bx3xHxW image in [0, 1] and returns four NCHW maps at strides 4, 8, 16 and 32; its
 `out_channels` gives their widths, which size the decoder.
 """
 
-import torch
+from types import ModuleType
+
 from torch import nn
 
-from model.mit import HF_LAYER_NORM_EPS, MIT_SPECS, MiTEncoder
+from model import mit, timm_features
+from model.mit import HF_LAYER_NORM_EPS, MIT_SPECS
 
-TIMM_PREFIX = "timm:"
-STRIDES = (4, 8, 16, 32)
+# A family is a module with NAMES (how its backbones are named, for messages), owns(name), describe(name),
+# build(description, layer_norm_eps) and load_imagenet(encoder, weights, source).
+FAMILIES: dict[str, ModuleType] = {"mit": mit, "timm": timm_features}
+
+
+def family_of(name: str) -> ModuleType:
+    """The family of a backbone name; ValueError naming the choices for an unknown one."""
+    for family in FAMILIES.values():
+        if family.owns(name):
+            return family
+    raise ValueError(f"unknown backbone {name!r}; expected {' or '.join(f.NAMES for f in FAMILIES.values())}")
+
+
+def check_backbone(name: str) -> str:
+    """`name` if a family owns it (a timm model is checked when built), else ValueError."""
+    family_of(name)
+    return name
 
 
 def is_mit(name: str) -> bool:
     return name in MIT_SPECS
 
 
-def check_backbone(name: str) -> str:
-    """`name` if it names a backbone (timm names are checked when the model is built), else ValueError."""
-    if is_mit(name) or (name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX)):
-        return name
-    raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(MIT_SPECS)} or timm:<model name>")
+def describe(name: str) -> dict:
+    return family_of(name).describe(name)
 
 
-class TimmEncoder(nn.Module):
-    """A timm model's feature maps at strides 4, 8, 16 and 32."""
-
-    def __init__(self, name: str):
-        super().__init__()
-        import timm
-
-        try:
-            probe = timm.create_model(name, pretrained=False, features_only=True)
-        except RuntimeError as err:  # timm's "Unknown model" and "features_only not implemented"
-            raise ValueError(f"timm cannot build {name!r} with feature maps: {err}") from None
-        reductions = probe.feature_info.reduction()
-        if not set(STRIDES) <= set(reductions):
-            raise ValueError(f"timm model {name!r} gives feature maps at strides {reductions}; DepthFlow's decoder "
-                             f"needs {STRIDES}")
-        indices = tuple(reductions.index(s) for s in STRIDES)
-        self.features = timm.create_model(name, pretrained=False, features_only=True, out_indices=indices)
-        self.out_channels = tuple(self.features.feature_info.channels())
-        self.channels_last = str(getattr(self.features, "output_fmt", "NCHW")).endswith("NHWC")  # Swin and others
-        config = self.features.pretrained_cfg
-        self.register_buffer("mean", torch.tensor(config.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(config.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        features = self.features((x - self.mean) / self.std)
-        return [f.permute(0, 3, 1, 2) for f in features] if self.channels_last else features
+def build_encoder(backbone: str | dict, layer_norm_eps: float = HF_LAYER_NORM_EPS) -> nn.Module:
+    """An encoder from a backbone name or from the description a checkpoint stored."""
+    description = describe(backbone) if isinstance(backbone, str) else backbone
+    return FAMILIES[description["family"]].build(description, layer_norm_eps)
 
 
-def build_encoder(name: str, layer_norm_eps: float = HF_LAYER_NORM_EPS) -> nn.Module:
-    check_backbone(name)
-    if is_mit(name):
-        return MiTEncoder(name, layer_norm_eps)
-    return TimmEncoder(name.removeprefix(TIMM_PREFIX))
+def load_imagenet(encoder: nn.Module, description: dict, weights: dict, source: str) -> str:
+    """ImageNet weights into one encoder, by its family's rules; ValueError if they do not fit it."""
+    return FAMILIES[description["family"]].load_imagenet(encoder, weights, source)

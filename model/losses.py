@@ -1,9 +1,11 @@
-"""Training losses, by name: `--loss ce` is the reference recipe; `--loss ce+dice` sums two terms.
+"""Training losses, by name: `--loss ce` is the reference recipe; `--loss ce+0.5*dice` sums weighted terms.
 
 A loss takes Bx2xSxS logits and BxSxS integer targets (1 = object) and returns a scalar. A new term is one
-function here and one entry in LOSSES; `--loss` then accepts its name.
+function here and one entry in LOSSES; `--loss` then accepts its name, and the tests run it (they are
+parametrised over LOSSES).
 """
 
+import re
 from collections.abc import Callable
 
 import torch
@@ -28,13 +30,32 @@ def dice(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.
 
 LOSSES: dict[str, Loss] = {"ce": cross_entropy, "dice": dice}
 
+_TERM = re.compile(r"^(?:(\d+(?:\.\d*)?|\.\d+)\s*\*\s*)?([a-z_][a-z0-9_]*)$")
+
+
+def parse_loss(spec: str) -> list[tuple[float, str]]:
+    """'ce', 'ce+dice', 'ce+0.5*dice' -> [(weight, name), ...]; ValueError for an unknown or repeated term, or a
+    weight that is not a positive number."""
+    terms = []
+    for part in spec.split("+"):
+        match = _TERM.match(part.strip())
+        if not match:
+            raise ValueError(f"cannot read the loss term {part.strip()!r}; expected NAME or WEIGHT*NAME, terms joined "
+                             "by '+' (e.g. ce+0.5*dice)")
+        weight, name = float(match.group(1) or 1), match.group(2)
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss {name!r}; expected names from {', '.join(LOSSES)}")
+        if weight <= 0:
+            raise ValueError(f"the weight of {name} must be positive (drop the term instead)")
+        if name in {n for _, n in terms}:
+            raise ValueError(f"{name} appears twice; give it once with its weight (e.g. 2*{name})")
+        terms.append((weight, name))
+    return terms
+
 
 def build_loss(spec: str) -> Loss:
-    """'ce', 'dice' or a sum such as 'ce+dice'; ValueError naming an unknown term."""
-    names = [n.strip() for n in spec.split("+")]
-    if unknown := [n for n in names if n not in LOSSES]:
-        raise ValueError(f"unknown loss {unknown[0]!r}; expected names from {', '.join(LOSSES)} joined by '+'")
-    terms = [LOSSES[n] for n in names]
-    if len(terms) == 1:
-        return terms[0]
-    return lambda logits, target: sum(term(logits, target) for term in terms)
+    """The loss of a --loss spec (parse_loss)."""
+    terms = [(weight, LOSSES[name]) for weight, name in parse_loss(spec)]
+    if len(terms) == 1 and terms[0][0] == 1.0:
+        return terms[0][1]  # the term itself: the reference's cross-entropy is bit for bit F.cross_entropy
+    return lambda logits, target: sum(weight * term(logits, target) for weight, term in terms)

@@ -48,12 +48,13 @@ def _module_table(depths, sr_ratios):
     return rows
 
 
-def module_table(backbone: str):
-    spec = MIT_SPECS[backbone]
+def module_table(backbone):
+    """The table of a MiT given by name (MIT_SPECS) or by its MiTSpec."""
+    spec = MIT_SPECS[backbone] if isinstance(backbone, str) else backbone
     return _module_table(spec.depths, spec.sr_ratios)
 
 
-def expected_keys(backbone: str, layout: str) -> set[str]:
+def expected_keys(backbone, layout: str) -> set[str]:
     col = LAYOUTS.index(layout)
     keys = set()
     for row in module_table(backbone):
@@ -71,7 +72,7 @@ class KeyMismatch(ValueError):
         )
 
 
-def convert(state_dict: dict, backbone: str, src: str, dst: str) -> dict:
+def convert(state_dict: dict, backbone, src: str, dst: str) -> dict:
     """Map an MiT state dict from layout `src` to `dst`, strictly: every key must be known and present."""
     missing = expected_keys(backbone, src) - state_dict.keys()
     unexpected = state_dict.keys() - expected_keys(backbone, src)
@@ -112,3 +113,19 @@ def infer_backbone(state_dict: dict, layout: str) -> str | None:
         if spec.embed_dims[0] == first.shape[0] and spec.depths == depths:
             return name
     return None
+
+
+def _strip(state_dict: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def encoder_weights(state_dict: dict) -> tuple[str | None, dict]:
+    """(layout, the MiT encoder's weights alone) of an ImageNet MiT file: HF's (`segformer.encoder.` or
+    `encoder.` prefixes, a classifier beside), NVlabs' or timm's (a `head.` classifier beside); (None, {})."""
+    for prefix in ("segformer.encoder.", "encoder."):
+        if any(k.startswith(prefix + "patch_embeddings.") for k in state_dict):
+            return "hf", _strip(state_dict, prefix)
+    for layout in ("nvlabs", "timm"):
+        if _FIRST_PROJ[layout] in state_dict:
+            return layout, {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+    return None, {}

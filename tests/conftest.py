@@ -119,21 +119,3 @@ def toy_copy(toy_root, tmp_path):
     import shutil
 
     return Path(shutil.copytree(toy_root, tmp_path / "toy"))
-
-
-@pytest.fixture
-def small_winograd_maps(monkeypatch):
-    """Let the Winograd path run on the tests' small maps (it skips maps under 64x64 pixels)."""
-    from model.winograd import WinogradConv2d
-
-    monkeypatch.setattr(WinogradConv2d, "min_pixels", 0)
-
-
-@contextlib.contextmanager
-def nnpack_calls():
-    """The input shapes of the NNPACK convolutions run in the block, as torch's profiler records them."""
-    shapes = []
-    with torch.profiler.profile(record_shapes=True) as profile:
-        yield shapes
-    shapes += [tuple(event.input_shapes[0]) for event in profile.events()
-               if event.name == "aten::_nnpack_spatial_convolution"]

@@ -22,10 +22,11 @@ from flow_synthesis.video_flow import main as flow_main
 from model import DepthFlow
 from model.checkpoints import read_project_checkpoint, save_project_checkpoint
 from tests.conftest import ROOT, assert_one_line_error, children, ctrl_c_once, hearing_ctrl_c, run_main
-from trainer import GlobalBatches
 from utils import distributed
+from utils.batches import GlobalBatches
+from utils.errors import UserError
 from utils.interrupts import StopRequests
-from utils.io import save_image_atomic, write_text_atomic
+from utils.io import append_line, save_image_atomic, save_torch_atomic, write_text_atomic
 
 
 def _train_args(toy_root, out, *extra):
@@ -90,7 +91,7 @@ def test_resume_refuses_other_batches_and_weights_only_files(toy_root, tmp_path,
         check(run.main, *argv, "--datasets", "duts:8,davis_train:8", flag, value,
               expect=[f"{out / 'last.pth'} was trained with {shown} (this run asks for", "keeps its recipe"])
     check(run.main, *_train_args(toy_root, out, "--resume", "--epochs", "3", "--lr", "2e-4"),
-          expect=["--epochs 1 (this run asks for 3), --lr 0.0001 (this run asks for 0.0002)"])
+          expect=["was trained with --lr 0.0001 (this run asks for 0.0002)", "only --epochs may change"])
     converted = tmp_path / "weights.pth"
     save_project_checkpoint(converted, DepthFlow("mitb0", size=32))
     check(run.main, *_train_args(toy_root, tmp_path / "other", "--resume", converted),
@@ -355,8 +356,8 @@ def test_ctrl_c_in_test_keeps_the_finished_datasets(tmp_path):
     code, _, stderr = ctrl_c_once(["run.py", "--test", "--checkpoint", _tiny(tmp_path), "--data-root", root,
                                    "--ytobj-root", long / "YTOBJ", "--datasets", "davis,ytobj", "--output", out,
                                    "--device", "cpu", "--workers", "1", "--batch-size", "1"],
-                                  ready=out / "results.json")
-    results = json.loads((out / "results.json").read_text())
+                                  ready=out / "per_frame/davis.csv")
+    results = json.loads((out / "results.json").read_text())["datasets"]
     assert code == 130 and "Traceback" not in stderr, stderr[-2000:]
     assert [line for line in stderr.splitlines() if line.strip()][-1].startswith("error: interrupted")
     assert list(results) == ["davis"] and results["davis"]["metrics"]["J&F-Mean"] >= 0
@@ -366,14 +367,35 @@ def test_atomic_writes_name_the_users_path_and_follow_the_umask(tmp_path):
     target = tmp_path / "out.json"
     write_text_atomic("{}\n", target)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~_current_umask()
-    (tmp_path / ".out.png.tmp").write_text("left by a killed run")
     save_image_atomic(Image.new("L", (4, 4)), tmp_path / "out.png")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "out.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "out.png"]  # no temporary file stays
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(OSError) as err:
         write_text_atomic("x", blocker / "sub" / "r.json")
     assert err.value.filename == str(blocker / "sub" / "r.json")
+
+
+def test_no_write_follows_a_planted_link(tmp_path):
+    """Links planted where a write's temporary file would be (any guessable name), at the output itself, or at
+    a log that is appended to: the file linked to is never written."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("results.json", "00001.png", "last.pth"):
+        for guess in (f".{name}.tmp", f"{name}.tmp", f".{name}.partial"):
+            (out / guess).symlink_to(victim)
+    (out / "results.json").symlink_to(victim)
+    write_text_atomic("{}\n", out / "results.json")
+    save_image_atomic(Image.new("L", (4, 4)), out / "00001.png")
+    save_torch_atomic({"x": torch.zeros(1)}, out / "last.pth")
+    assert victim.read_text() == "precious"
+    assert not (out / "results.json").is_symlink() and (out / "results.json").read_text() == "{}\n"
+    (out / "metrics.jsonl").symlink_to(victim)
+    with pytest.raises(UserError, match="metrics.jsonl is a symbolic link"):
+        append_line(out / "metrics.jsonl", "{}")
+    assert victim.read_text() == "precious"
 
 
 def _current_umask():
@@ -557,15 +579,16 @@ def test_a_killed_run_leaves_no_process_behind(toy_root, tmp_path, command, sig)
 
 
 def test_resuming_with_any_changed_recipe_field_names_it(toy_root, tmp_path, check):
-    """Every field of the recipe, changed on --resume, stops the run with one line naming its flag."""
+    """Every field of the recipe but the epochs, changed on --resume, stops the run with one line naming its
+    flag."""
     from dataclasses import fields
 
-    from trainer import RECIPE_FLAGS, Recipe
+    from recipe import RECIPE_FLAGS, RESUMABLE_CHANGES, Recipe
 
-    changed = {"stage": "1", "sources": "duts:16", "epochs": "3", "batch_size": "8", "lr": "2e-4", "size": "64",
-               "backbone": "mitb1", "flip_p": "0.3", "loss": "ce+dice", "selection": "davis", "val_every": "7",
-               "seed": "9"}
-    assert set(changed) == {f.name for f in fields(Recipe)}, "a new recipe field needs a case here"
+    changed = {"stage": "1", "sources": "duts:16", "batch_size": "8", "lr": "2e-4", "size": "64",
+               "backbone": "mitb1", "flow_backbone": "mitb1", "flip_p": "0.3", "loss": "ce+dice", "selection": "davis",
+               "val_every": "7", "seed": "9"}
+    assert set(changed) | set(RESUMABLE_CHANGES) == {f.name for f in fields(Recipe)}, "a new field needs a case here"
     out = tmp_path / "run"
     assert run.main(list(map(str, _train_args(toy_root, out, "--epochs", "1")))) is None
     for field, value in changed.items():
@@ -582,13 +605,13 @@ def test_a_new_test_set_needs_only_its_dataset_spec(tmp_path, monkeypatch, capsy
 
     monkeypatch.setitem(dataset.DATASETS, "mine", DatasetSpec(
         name="mine", title="My test set", role="test", folder="MINE", images="Frames", flows="Flows", masks="Masks",
-        mask_rule="nonzero", all_annotated=False, output="MINE_test"))
+        mask_rule="nonzero", sparse=True, output="MINE_test"))
     root = tmp_path / "data"
     assert toydata_main([str(root), "--datasets", "mine", "--videos", "2", "--frames", "4", "--size", "48x64"]) is None
     code, out, err = run_main(run.main, "--test", "--checkpoint", _tiny(tmp_path), "--data-root", root,
                               "--datasets", "mine", "--output", tmp_path / "o", "--device", "cpu", capsys=capsys)
     assert code == 0, err
     assert "== My test set ==" in out
-    results = json.loads((tmp_path / "o/results.json").read_text())
+    results = json.loads((tmp_path / "o/results.json").read_text())["datasets"]
     assert set(results["mine"]["sequences"]) == {"mine_00", "mine_01"} and results["mine"]["metrics"]["J-Mean"] >= 0
     assert len(list((tmp_path / "o/MINE_test").rglob("*.png"))) == 8

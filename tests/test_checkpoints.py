@@ -12,6 +12,7 @@ from model.checkpoints import (
     released_to_model,
     save_project_checkpoint,
 )
+from model.encoders import describe
 from model.mit_keys import convert
 from tests.conftest import assert_one_line_error, run_cli, run_main
 from tools.reference_net import random_reference
@@ -70,7 +71,10 @@ def test_convert_round_trip_is_exact(released, tmp_path, capsys):
     original, restored = ref.state_dict(), torch.load(back, weights_only=True)
     assert original.keys() == restored.keys()
     assert all(torch.equal(original[k], restored[k]) for k in original)
-    assert read_project_checkpoint(project)["config"] == {"backbone": "mitb0", "size": 512, "layer_norm_eps": 1e-5}
+    config = read_project_checkpoint(project)["config"]
+    assert {k: config[k] for k in ("backbone", "flow_backbone", "size", "layer_norm_eps")} == \
+        {"backbone": "mitb0", "flow_backbone": None, "size": 512, "layer_norm_eps": 1e-5}
+    assert config["encoders"]["motion"] == config["encoders"]["appearance"] == describe("mitb0")
 
 
 def test_project_checkpoint_keeps_training_state(tmp_path):
@@ -119,7 +123,7 @@ def test_pretrained_formats_initialise_both_encoders(tmp_path, fmt):
 def test_pretrained_backbone_mismatch(tmp_path):
     path = tmp_path / "pytorch_model.bin"
     torch.save({f"segformer.{k}": v for k, v in _hf_encoder_state("mitb1").items()}, path)
-    with pytest.raises(Exception, match="holds a mitb1 model, not the mitb0 asked for"):
+    with pytest.raises(Exception, match="does not fit the appearance encoder \\(mitb0\\): it holds a mitb1, not mitb0"):
         load_pretrained(DepthFlow("mitb0", size=64), path)
 
 

@@ -132,5 +132,5 @@ def test_unwritable_outputs_are_one_line_errors(toy_root, checkpoint, tmp_path, 
     ]
     for main, argv in commands:
         code, _, err = run_main(main, *argv, capsys=capsys)
-        assert_one_line_error(code, err, "cannot write to output folder" if main is evaluator_main else "cannot use",
-                              str(bad))
+        assert_one_line_error(code, err, str(bad))
+        assert "cannot write to output folder" in err or "cannot use" in err

@@ -176,6 +176,11 @@ def _synthesis_command(duts, out, *extra):
 
 
 @pytest.mark.slow
+def _outputs(folder):
+    """The files a synthesis wrote (its folder's lock file, which names the process that held it, aside)."""
+    return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and p.name != ".depthflow.lock")
+
+
 def test_two_processes_write_what_one_process_writes_and_resume_with_any_count(toy_root, tmp_path, capsys):
     """torchrun shares the images out; the files (manifest included) are one process's, byte for byte, and a
     run stopped part-way finishes with another number of processes to the same files."""
@@ -187,8 +192,8 @@ def test_two_processes_write_what_one_process_writes_and_resume_with_any_count(t
     rc, out, err = run_cli(*torchrun, *_synthesis_command(duts, tmp_path / "two"), cwd=ROOT)
     assert rc == 0, err[-2000:]
     assert "rank 0 of 2: DUTSv2" in out and "rank 1 of 2: DUTSv2" in out
-    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    files = _outputs(tmp_path / "one")
+    assert files == _outputs(tmp_path / "two")
     assert all((tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes() for f in files)
     # As a kill part-way leaves it: half the images done, their lines in one process's manifest part.
     partial = tmp_path / "partial"
@@ -269,8 +274,21 @@ def test_raft_from_a_torchvision_weights_file(tmp_path):
     frames = [np.asarray(texture(np.random.default_rng(i), 130, 150, 0.5)) for i in range(2)]
     flows = backend(frames[:1], frames[1:])
     assert flows[0].shape == (130, 150, 2) and np.isfinite(flows[0]).all()
-    with pytest.raises(Exception, match="at least 128x128"):
-        backend([frames[0][:100]], [frames[1][:100]])
+    # Below RAFT's minimum the frames are enlarged for it and the flow comes back at their size, its vectors
+    # in their pixels: a network that sees a shift of (8, 4) enlarged pixels gives (4, 2) for frames half as big.
+    seen = []
+
+    def enlarged_shift(a, b, num_flow_updates):
+        seen.append(tuple(a.shape[-2:]))
+        flow = torch.zeros(a.shape[0], 2, *a.shape[-2:])
+        flow[:, 0], flow[:, 1] = 8, 4
+        return [flow]
+
+    backend.model = enlarged_shift
+    small = backend([frames[0][:64, :80]], [frames[1][:64, :80]])
+    assert seen == [(128, 160)] and small[0].shape == (64, 80, 2)
+    np.testing.assert_allclose(small[0][..., 0], 4, rtol=1e-6)
+    np.testing.assert_allclose(small[0][..., 1], 2, rtol=1e-6)
 
 
 def test_dis_flow_points_the_right_way(tmp_path):
@@ -506,3 +524,27 @@ def test_the_conversion_sees_any_relative_inverse_depth_alike():
     assert all(np.allclose(flows[0], f, atol=1e-4 * np.abs(flows[0]).max()) for f in flows[1:])
     speed = np.hypot(*np.moveaxis(flows[0], -1, 0))
     assert speed[20, 30] > speed[2, 2] > 0 or speed[2, 2] == 0 < speed[20, 30]
+
+
+def test_dpt_hybrid_standardises_weights_as_the_dpt_repository_does():
+    """A stand-in ResNet filter of small spread: (w - mean) / (std + 1e-5), the formula the weights were trained
+    with (timm 0.4.5, as the DPT repository pins), not timm's current (w - mean) / sqrt(var + 1e-8)."""
+    import torch.nn.functional as F
+    from timm.layers import StdConv2dSame
+
+    from flow_synthesis.dpt import standardise_as_dpt
+
+    torch.manual_seed(0)
+    conv = StdConv2dSame(3, 4, 3, eps=1e-8)
+    with torch.no_grad():
+        conv.weight.mul_(0.00045 / conv.weight.std())
+    x = torch.randn(1, 3, 9, 11)
+    with torch.no_grad():
+        timm_now = conv(x)
+        assert standardise_as_dpt(torch.nn.Sequential(conv)) == 1
+        ours = conv(x)
+        std, mean = torch.std_mean(conv.weight, dim=(1, 2, 3), keepdim=True, unbiased=False)
+        dpt = F.conv2d(F.pad(x, (1, 1, 1, 1)), (conv.weight - mean) / (std + 1e-5))
+    torch.testing.assert_close(ours, dpt)
+    assert (timm_now - dpt).abs().max() > 1e-3 * dpt.abs().max()  # the two formulas differ for such a filter
+    assert isinstance(DPT("hybrid").pretrained.model.patch_embed.backbone.stem.conv, StdConv2dSame)

@@ -76,3 +76,84 @@ def test_layer_norm_eps_reaches_block_and_stage_norms_only():
 def test_size_must_be_multiple_of_32():
     with pytest.raises(ValueError, match="multiple of 32"):
         DepthFlow("mitb0", size=100)
+
+
+def test_two_streams_may_use_different_encoders():
+    """A MiT-B1 frame encoder beside a MiT-B0 flow encoder: the motion maps are projected to the frame
+    encoder's widths before the sum, and the pair reloads from a checkpoint as it was built."""
+
+    model = DepthFlow("mitb1", size=64, flow_backbone="mitb0").eval()
+    assert [p.weight.shape[:2] for p in model.motion_projection] == [(64, 32), (128, 64), (320, 160), (512, 256)]
+    image, flow = torch.rand(1, 3, 40, 56), torch.rand(1, 3, 40, 56)
+    with torch.no_grad():
+        logits = model(image, flow)
+    assert logits.shape == (1, 2, 40, 56)
+    assert DepthFlow("mitb1", size=64).motion_projection is None  # the paper's: one version, a plain sum
+
+
+def test_checkpoints_rebuild_encoders_from_their_stored_description(tmp_path, monkeypatch):
+    """A MiT that differs from MiT-B0 only in its heads (which no weight shape shows) reloads as itself: the
+    checkpoint stores each encoder's whole description, not a name to guess from."""
+    import model.mit as mit
+    from model.checkpoints import load_depthflow, save_project_checkpoint
+
+    monkeypatch.setitem(mit.MIT_SPECS, "mitb0h", mit.MiTSpec(depths=(2, 2, 2, 2), embed_dims=(32, 64, 160, 256),
+                                                               num_heads=(2, 2, 4, 8)))
+    model = DepthFlow("mitb0h", size=64).eval()
+    save_project_checkpoint(tmp_path / "h.pth", model)
+    monkeypatch.delitem(mit.MIT_SPECS, "mitb0h")  # gone from the table: the file still knows it
+    again = load_depthflow(tmp_path / "h.pth")
+    assert again.appearance_encoder.mit.stages[0].blocks[0].attn.num_heads == 2
+    image, flow = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(image, flow), again(image, flow))
+
+
+def test_imagenet_weights_load_by_shape_into_any_mit_of_those_widths(tmp_path, monkeypatch):
+    """ImageNet MiT-B0 weights fit a MiT-B0 of other head counts (heads change no shape): the family loads by
+    the encoder's own module table, and refuses what does not fit, naming it."""
+    import model.mit as mit
+    from model.checkpoints import load_pretrained
+
+    source = MiTEncoder("mitb0")
+    path = tmp_path / "mit_b0.pth"
+    torch.save(source.mit.state_dict(), path)  # timm's layout
+    monkeypatch.setitem(mit.MIT_SPECS, "mitb0h", mit.MiTSpec(depths=(2, 2, 2, 2), embed_dims=(32, 64, 160, 256),
+                                                               num_heads=(2, 2, 4, 8)))
+    model = DepthFlow("mitb0h", size=64)
+    assert load_pretrained(model, path) == "timm"
+    assert torch.equal(model.motion_encoder.mit.patch_embed.proj.weight, source.mit.patch_embed.proj.weight)
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match="does not fit the appearance encoder \\(mitb1\\): it holds a mitb0"):
+        load_pretrained(DepthFlow("mitb1", size=64), path)
+
+
+@pytest.mark.parametrize("name", sorted(__import__("model.losses", fromlist=["LOSSES"]).LOSSES))
+def test_every_registered_loss_is_a_differentiable_scalar_that_rewards_the_truth(name):
+    """Each loss of the registry: a scalar with gradients, lower for logits that agree with the target."""
+    from model.losses import build_loss
+
+    loss = build_loss(name)
+    target = (torch.rand(2, 16, 16) > 0.5).long()
+    right = torch.stack([1 - target, target], dim=1).float() * 8 - 4
+    wrong = -right
+    logits = torch.zeros(2, 2, 16, 16, requires_grad=True)
+    value = loss(logits, target)
+    value.backward()
+    assert value.dim() == 0 and logits.grad is not None and logits.grad.abs().sum() > 0
+    assert loss(right, target) < loss(wrong, target)
+
+
+def test_weighted_loss_terms():
+    from model.losses import LOSSES, build_loss, parse_loss
+
+    unknown = "x" + "".join(sorted(LOSSES))  # a name no registry entry has, whatever is added to it
+    assert parse_loss("ce+0.5*dice") == [(1.0, "ce"), (0.5, "dice")]
+    logits, target = torch.randn(2, 2, 8, 8), (torch.rand(2, 8, 8) > 0.5).long()
+    weighted = build_loss("ce+0.5*dice")(logits, target)
+    torch.testing.assert_close(weighted, LOSSES["ce"](logits, target) + 0.5 * LOSSES["dice"](logits, target))
+    for bad, message in ((unknown, "unknown loss"), ("ce+ce", "appears twice"), ("ce+0*dice", "must be positive"),
+                         ("ce+-1*dice", "cannot read")):
+        with pytest.raises(ValueError, match=message):
+            parse_loss(bad)

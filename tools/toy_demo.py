@@ -59,7 +59,7 @@ def main(argv=None):
     step("testing on DAVIS 2016 val, FBMS, YouTube-Objects, Long-Videos",
          ["run.py", "--test", "--checkpoint", out / "stage2/best.pth", "--data-root", data, "--output", out / "test",
           "--device", "cpu"])
-    jf = json.loads((out / "test/results.json").read_text())["davis"]["metrics"]["J&F-Mean"]
+    jf = json.loads((out / "test/results.json").read_text())["datasets"]["davis"]["metrics"]["J&F-Mean"]
     print(f"\nDone in {time.time() - start:.0f} s. These figures are on small synthetic toy data, not on the real "
           f"benchmarks;\nfor those, download the datasets and a released checkpoint and run "
           f"`python run.py --test --checkpoint DepthFlow_mitb2.pth` (see README).")

@@ -1,14 +1,16 @@
-"""Small synthetic versions of every dataset of dataset.DATASETS, in exactly their layouts (README, 'Data').
+"""Small synthetic versions of every dataset of dataset.DATASETS, in exactly their layouts (docs/data.md).
 
-    python -m tools.toydata ROOT [--seed S --size HxW --videos N --frames F --datasets davis,fbms,...]
+    python -m tools.toydata ROOT [--seed S --size HxW --videos N --frames F --datasets davis,fbms,...
+                                  --sparse-form blank|kept|missing]
 
 The layouts come from the DatasetSpecs themselves, so a new entry of DATASETS gets toy data with no edit
 here. Each video is a textured background seen by a moving camera, with a textured object that moves on
 its own. The flow image is rendered from the true motion with the colour wheel; masks are palette
-images for "nonzero" datasets and grey 0/255 images for "grey" ones, and datasets that are not fully
-annotated leave frames un-annotated. DUTS-TR also comes in its original layout with a depth map (16-bit
-PNG disparity, nearer = larger) per image, the input of flow_synthesis. Deterministic for a seed; a
-default tree takes seconds.
+images for "nonzero" datasets and grey 0/255 images for "grey" ones. Sparsely annotated sets (FBMS,
+YouTube-Objects, Long-Videos) annotate every third frame and the last, in one of the forms the authors'
+archives hold (--sparse-form); names never hold what the authors' loaders split on. DUTS-TR also comes in
+its original layout with a depth map (16-bit PNG disparity, nearer = larger) per image, the input of
+flow_synthesis. Deterministic for a seed; a default tree takes seconds.
 
 ROOT must be empty or new, or hold toy data this program wrote (with --overwrite): it never writes into
 a folder holding real data.
@@ -114,13 +116,25 @@ def _save_jpg(array, path):
     save_image_atomic(Image.fromarray(array), path, quality=95)
 
 
-def write_video(video: ToyVideo, root: Path, spec: DatasetSpec, rel: str, stems: list[str]) -> None:
-    every = 1 if spec.all_annotated else 3
+# How a sparsely annotated set (DatasetSpec.sparse) is written: "blank" (a mask for every frame, blank where the
+# frame is not annotated) and "kept" (only the annotated frames, with their flows and masks) are the two forms
+# the authors' archives and loaders hold; "missing" (every frame, masks on the annotated ones only) is a third
+# form users build, which this project reads alike and the authors' loaders mis-pair.
+SPARSE_FORMS = ("blank", "kept", "missing")
+ANNOTATE_EVERY = 3  # a sparse set annotates every third frame and the last
+
+
+def write_video(video: ToyVideo, root: Path, spec: DatasetSpec, rel: str, stems: list[str], form: str) -> None:
+    last = len(stems) - 1
     for t, stem in enumerate(stems):
+        annotated = not spec.sparse or t % ANNOTATE_EVERY == 0 or t == last
+        if not annotated and form == "kept":
+            continue
         _save_jpg(video.frames[t], root / spec.images / rel / f"{stem}.jpg")
         _save_jpg(flow_to_rgb(video.flows[t]), root / spec.flows / rel / f"{stem}.jpg")
-        if t % every == 0 or t == len(stems) - 1:
-            _save_mask(video.masks[t], root / spec.masks / rel / f"{stem}.png", spec)
+        if annotated or form == "blank":
+            mask = video.masks[t] if annotated else np.zeros_like(video.masks[t])
+            _save_mask(mask, root / spec.masks / rel / f"{stem}.png", spec)
 
 
 def _save_mask(mask: np.ndarray, path: Path, spec: DatasetSpec) -> None:
@@ -130,7 +144,8 @@ def _save_mask(mask: np.ndarray, path: Path, spec: DatasetSpec) -> None:
         save_image_atomic(Image.fromarray(mask * 255), path)
 
 
-def write_dataset(spec: DatasetSpec, root: Path, rng, h: int, w: int, videos: int, frames: int) -> None:
+def write_dataset(spec: DatasetSpec, root: Path, rng, h: int, w: int, videos: int, frames: int,
+                  form: str = "blank") -> None:
     """Toy data for one DatasetSpec under root / spec.folder."""
     base = root / spec.folder
     if spec.flat:
@@ -142,14 +157,14 @@ def write_dataset(spec: DatasetSpec, root: Path, rng, h: int, w: int, videos: in
             _save_mask(mask, base / spec.masks / f"{stem}.png", spec)
         return
     names = [f"{spec.name}_{i:02d}" for i in range(videos)]
-    if spec.grouped:
-        groups = spec.groups or ("group_a", "group_b")
-        names = [f"{g}/{n}" for k, g in enumerate(groups) for n in (names if k == 0 else names[:1])]
+    if spec.grouped:  # <class>/<video>, with no '_' in either name: the authors' loader splits on it
+        groups = spec.groups or ("groupa", "groupb")
+        names = [f"{g}/{i + 1:04d}" for k, g in enumerate(groups) for i in range(videos if k == 0 else 1)]
     if spec.video_list:
         write_text_atomic("\n".join(names) + "\n", base / spec.video_list)
     stems = [f"{t:05d}" for t in range(frames)]
     for i, name in enumerate(names):
-        write_video(render_video(rng(spec.name, i), h, w, frames), base, spec, name, stems)
+        write_video(render_video(rng(spec.name, i), h, w, frames), base, spec, name, stems, form)
 
 
 def write_duts_tr(root: Path, rng, h: int, w: int, videos: int) -> None:
@@ -183,8 +198,11 @@ def all_choices() -> tuple[str, ...]:
 
 
 def generate(root, seed: int = 0, size: tuple[int, int] = (96, 128), videos: int = 3, frames: int = 12,
-             datasets=None, overwrite: bool = False) -> Path:
-    """Toy data for `datasets` (default: every entry of DATASETS, and DUTS-TR with depth) under root."""
+             datasets=None, overwrite: bool = False, sparse_form: str = "blank") -> Path:
+    """Toy data for `datasets` (default: every entry of DATASETS, and DUTS-TR with depth) under root;
+    sparsely annotated sets in `sparse_form` (SPARSE_FORMS)."""
+    if sparse_form not in SPARSE_FORMS:
+        raise ValueError(f"unknown sparse form {sparse_form!r}; expected one of {SPARSE_FORMS}")
     root = Path(root)
     claim_root(root, overwrite)
     h, w = size
@@ -196,7 +214,7 @@ def generate(root, seed: int = 0, size: tuple[int, int] = (96, 128), videos: int
         if name == DUTS_TR:
             write_duts_tr(root, rng, h, w, videos)
         else:
-            write_dataset(DATASETS[name], root, rng, h, w, videos, frames)
+            write_dataset(DATASETS[name], root, rng, h, w, videos, frames, sparse_form)
     return root
 
 
@@ -220,6 +238,10 @@ def main(argv=None):
     parser.add_argument("--frames", type=int, default=12, help="frames per video (default 12)")
     parser.add_argument("--datasets", default=",".join(all_choices()),
                         help=f"comma-separated subset of {','.join(all_choices())}")
+    parser.add_argument("--sparse-form", choices=SPARSE_FORMS, default="blank",
+                        help="how FBMS, YouTube-Objects and Long-Videos hold their sparse annotation: blank (a mask "
+                             "for every frame, blank where not annotated; the default), kept (only the annotated "
+                             "frames) or missing (every frame, masks on the annotated ones only)")
     parser.add_argument("--overwrite", action="store_true", help="replace toy data an earlier run wrote in ROOT")
     args = parser.parse_args(argv)
     chosen = [d.strip() for d in args.datasets.split(",") if d.strip()]
@@ -227,7 +249,8 @@ def main(argv=None):
         raise UserError(f"--datasets: unknown {unknown}; expected names from {','.join(all_choices())}")
     if args.videos < 1 or args.frames < 3:
         raise UserError("--videos must be at least 1 and --frames at least 3")
-    root = generate(args.root, args.seed, _parse_size(args.size), args.videos, args.frames, chosen, args.overwrite)
+    root = generate(args.root, args.seed, _parse_size(args.size), args.videos, args.frames, chosen, args.overwrite,
+                    args.sparse_form)
     print(f"wrote toy datasets ({', '.join(chosen)}) to {root}")
 
 

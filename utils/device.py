@@ -18,6 +18,7 @@ import shutil
 import torch
 
 from utils.errors import UserError
+from utils.launch import launch
 
 AMP_MODES = ("off", "bf16", "fp16")
 CUDNN_WORKSPACE_MIB = 1024  # cap on each convolution's autotuning workspace, so a 16 GB card keeps room
@@ -56,6 +57,62 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)
     return device
+
+
+class DeviceQueue:
+    """The order of work on one device: on a GPU, events recorded on that device's current stream mark when
+    queued work is done, so the host waits for one batch without waiting for the next."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.gpu = device.type == "cuda"
+
+    def mark(self, timing: bool = False):
+        """An event at this point of the device's queue (None on a CPU, where work is done when it returns)."""
+        if not self.gpu:
+            return None
+        event = torch.cuda.Event(enable_timing=timing)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+
+class PinnedStaging:
+    """Host batches to a GPU through a fixed number of reusable page-locked buffers.
+
+    A DataLoader that pins (pin_memory=True) pins every batch its processes have ready, each in a fresh
+    page-locked block that torch's host allocator rounds up to a power of two and keeps: with 8 loader
+    processes, 0.6 GB at batch 8 and 2.4 GB at batch 32. Here a batch is copied into one of `slots`
+    buffers, sent to the device asynchronously from there, and the buffer is reused once that copy is done:
+    page-locked memory stays at `slots` batches. On a CPU, tensors are returned as they are."""
+
+    ALIGN = 64
+
+    def __init__(self, device: torch.device, slots: int = 2):
+        self.queue = DeviceQueue(device)
+        self.slots: list[tuple[torch.Tensor | None, object]] = [(None, None)] * slots
+        self.turn = 0
+
+    def _buffer(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.queue.gpu:
+            return tensors
+        sizes = [-(-t.nbytes // self.ALIGN) * self.ALIGN for t in tensors]
+        buffer, copied = self.slots[self.turn]
+        if copied is not None:
+            copied.synchronize()  # the last copy out of this buffer has finished
+        if buffer is None or buffer.numel() < sum(sizes):
+            buffer = self._buffer(sum(sizes))
+        out, offset = [], 0
+        for tensor, size in zip(tensors, sizes):
+            staged = buffer[offset:offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+            staged.copy_(tensor)
+            out.append(staged.to(self.queue.device, non_blocking=True))
+            offset += size
+        self.slots[self.turn] = (buffer, self.queue.mark())
+        self.turn = (self.turn + 1) % len(self.slots)
+        return tuple(out)
 
 
 def keep_freed_buffers(largest: int = CPU_BUFFERS) -> bool:
@@ -106,8 +163,15 @@ def available_cores() -> int:
 def default_workers(limit: int = 8) -> int:
     """Data-loading processes when --workers is not given: this process's share of the cores (under torchrun,
     the node's cores divided among its processes), up to `limit`."""
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    local_processes = launch().local_world_size
     return max(1, min(limit, available_cores() // max(local_processes, 1)))
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is running out of memory: on a GPU (torch.OutOfMemoryError) or on the host (the CPU
+    allocator's RuntimeError)."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(err))
 
 
 def compile_failure(err: Exception, what: str) -> UserError:

@@ -1,11 +1,19 @@
-"""Atomic file writing and image reading with errors that name the file."""
+"""Files: atomic writes that no planted link can redirect, one program per output folder, and image reading
+with errors that name the file."""
 
 import contextlib
 import errno
+import fcntl
 import hashlib
+import json
+import math
 import os
 import re
+import shutil
+import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,52 +35,154 @@ UMASK = _umask()  # read once: setting it to read it is not thread-safe
 
 
 @contextlib.contextmanager
-def atomic_path(path, durable: bool = True):
-    """Yield a temporary path beside `path`; it replaces `path` only if the block finishes.
+def atomic_file(path, durable: bool = True):
+    """Yield a binary file to write; it replaces `path` only if the block finishes.
 
     Readers never see a half-written file, and an interrupted write leaves the old file intact. The
-    temporary name is fixed (`.NAME.tmp`), so a write killed outright leaves at most one stray file, which
-    the next write of the same path replaces. The result gets the usual permissions (0666 less the umask).
+    temporary file beside `path` has an unpredictable name and is created exclusively (O_EXCL), and it is
+    written through its own descriptor, so nothing planted in the folder (a link at a guessable temporary
+    name) can redirect the write; the rename then replaces `path` itself, even if `path` is a link,
+    never the file a link points to. The result gets the usual permissions (0666 less the umask).
     `durable` also flushes the file to disk first, so a power cut cannot leave an empty file under the
     final name; outputs that are cheap to make again (masks) skip it, as it costs more than writing them.
     Errors name `path`, not the temporary file.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        yield tmp
-        if durable:
-            with open(tmp, "rb") as f:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            if durable:
                 os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~UMASK)
+            os.fchmod(f.fileno(), 0o666 & ~UMASK)
         os.replace(tmp, path)
+        tmp = None
     except OSError as err:
         raise OSError(err.errno, err.strerror, str(path)) from None
     finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def save_torch_atomic(obj, path):
-    with atomic_path(path) as tmp:
+    with atomic_file(path) as f:
         try:
-            torch.save(obj, tmp)
+            torch.save(obj, f)
         except RuntimeError as err:  # torch reports a full disk or an unwritable file as a RuntimeError
-            reason = (str(err).strip().splitlines() or ["write failed"])[0]
-            raise OSError(errno.EIO, reason, str(path)) from None
+            raise _disk_error(err, path) from None
+
+
+def _disk_error(err: Exception, path) -> OSError:
+    """A write error from a library's internals, as the OSError it is: a full disk says so."""
+    try:
+        free = shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        free = None
+    if free is not None and free < 64 << 20:
+        return OSError(errno.ENOSPC, "no space left on device", str(path))
+    reason = (str(err).strip().splitlines() or ["write failed"])[0]
+    return OSError(errno.EIO, reason, str(path))
 
 
 def save_image_atomic(image: Image.Image, path, durable: bool = True, **save_kwargs):
     path = Path(path)
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}[path.suffix.lower()]
-    with atomic_path(path, durable) as tmp:
-        image.save(tmp, format=fmt, **save_kwargs)
+    with atomic_file(path, durable) as f:
+        image.save(f, format=fmt, **save_kwargs)
 
 
 def write_text_atomic(text: str, path):
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text)
+    with atomic_file(path) as f:
+        f.write(text.encode())
+
+
+def strict_json(obj):
+    """`obj` with every float that is not a number (NaN, infinities) replaced by None: JSON has no NaN, and a
+    file with one is not JSON that other tools read. Callers say in words which figure was undefined."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def write_json_atomic(obj, path) -> None:
+    """Strict JSON (an undefined figure is null), atomically."""
+    write_text_atomic(json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n", path)
+
+
+def copy_file_atomic(source, path, durable: bool = True):
+    with atomic_file(path, durable) as f, open(source, "rb") as src:
+        shutil.copyfileobj(src, f)
+
+
+def append_line(path, line: str, durable: bool = False) -> None:
+    """Append one line to a log (flushed to disk if `durable`); a link at `path` is refused, never followed
+    (O_NOFOLLOW)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UserError(f"{path} is a symbolic link; refusing to append to what it points to (remove it)") \
+                from None
+        raise OSError(err.errno, err.strerror, str(path)) from None
+    with os.fdopen(fd, "a") as f:
+        f.write(line.rstrip("\n") + "\n")
+        f.flush()
+        if durable:
+            os.fsync(f.fileno())
+
+
+class FolderLock:
+    """One program at a time in an output folder: an exclusive lock on FOLDER/.depthflow.lock, held while
+    the program runs and released by the kernel when it ends, however it ends (a killed program never
+    leaves a stale lock). The file names the holder, so a second program says which run is in the way."""
+
+    NAME = ".depthflow.lock"
+
+    def __init__(self, folder, what: str):
+        self.folder, self.what, self.handle = Path(folder), what, None
+
+    def acquire(self) -> "FolderLock":
+        check_writable(self.folder)
+        path = self.folder / self.NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError as err:
+            raise UserError(f"cannot lock {self.folder} ({path}: {err.strerror})") from None
+        handle = os.fdopen(fd, "r+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = handle.read().strip() or "another program"
+            handle.close()
+            raise UserError(f"{self.folder} is in use by {holder}; wait for it to finish, or choose another "
+                            f"{self.what}") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                     f"{' '.join(sys.argv)}\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing the descriptor releases the lock
+            self.handle = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 def check_outside(output, inputs, what: str) -> None:
@@ -133,9 +243,9 @@ def image_size(path) -> tuple[int, int]:
         raise UserError(f"unreadable image: {path} ({err})") from None
 
 
-def file_digest(path) -> str:
-    """SHA-1 of a file's bytes: the identity of an input that an output was made from."""
-    digest = hashlib.sha1()
+def file_digest(path, algorithm: str = "sha1") -> str:
+    """Hex digest of a file's bytes (SHA-1 by default): the identity of an input that an output was made from."""
+    digest = hashlib.new(algorithm)
     try:
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -143,6 +253,18 @@ def file_digest(path) -> str:
     except FileNotFoundError:
         raise UserError(f"missing file: {path}") from None
     return digest.hexdigest()
+
+
+def file_digest_sha256(path) -> str:
+    return file_digest(path, "sha256")
+
+
+def read_json(path):
+    """A JSON file's content; one line naming the file if it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not a JSON file this project wrote ({err}); move it away") from None
 
 
 def image_is_complete(path) -> bool:

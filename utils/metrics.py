@@ -129,10 +129,15 @@ def davis_summary(sequences: dict[str, list[FrameScore]]) -> dict:
         f_stats = sequence_statistics([s.f for s in scores])
         per_sequence[name] = {"J-Mean": j_stats[0], "J-Recall": j_stats[1], "J-Decay": j_stats[2],
                               "F-Mean": f_stats[0], "F-Recall": f_stats[1], "F-Decay": f_stats[2]}
-    table = {key: float(np.mean([s[key] for s in per_sequence.values()]))
+    table = {key: _mean([s[key] for s in per_sequence.values()])
              for key in ("J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")}
-    table = {"J&F-Mean": (table["J-Mean"] + table["F-Mean"]) / 2, **table}
-    return {"metrics": table, "sequences": per_sequence}
+    both = None if table["J-Mean"] is None else (table["J-Mean"] + table["F-Mean"]) / 2
+    return {"metrics": {"J&F-Mean": both, **table}, "sequences": per_sequence}
+
+
+def _mean(values: list[float]) -> float | None:
+    """The mean over sequences; None (undefined, null in the JSON) where there is no sequence to average."""
+    return float(np.mean(values)) if values else None
 
 
 def j_summary(sequences: dict[str, list[FrameScore]], groups: dict[str, str] | None = None) -> dict:
@@ -147,10 +152,10 @@ def j_summary(sequences: dict[str, list[FrameScore]], groups: dict[str, str] | N
         js = [s.j for s in scores if s.annotated and not s.gt_empty]
         if js:
             per_sequence[name] = float(np.mean(js))
-    result = {"metrics": {"J-Mean": float(np.mean(list(per_sequence.values())))}, "sequences": per_sequence}
+    result = {"metrics": {"J-Mean": _mean(list(per_sequence.values()))}, "sequences": per_sequence}
     if groups:
         classes = sorted({groups[name] for name in per_sequence})
         result["classes"] = {c: float(np.mean([v for n, v in per_sequence.items() if groups[n] == c]))
                              for c in classes}
-        result["metrics"]["J-Mean over classes"] = float(np.mean(list(result["classes"].values())))
+        result["metrics"]["J-Mean over classes"] = _mean(list(result["classes"].values()))
     return result

@@ -33,12 +33,18 @@ MASK_RULES = ("nonzero", "grey")
 _FULL_SCALE = {"L": 255, "I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I": 65535, "F": 1.0}
 
 
+VOID_INDEX = 255  # palette index of pixels that are neither object nor background (DAVIS); read as background
+
+
 def read_mask_levels(path) -> np.ndarray:
     """HxW float32 object levels in [0, 1], from any encoding of a binary or soft mask: 1-bit ('1'), palette
     indices ('P': index 0 is background, any other index object), grey levels of 8 or 16 bits (0/1 label
     images included: a grey mask whose largest value is 1 holds labels, not levels) and RGB(A) (the
     brightest channel). Any other mode stops with one line naming the file."""
-    img = read_image(path)
+    return _levels(read_image(path), path)
+
+
+def _levels(img: Image.Image, path) -> np.ndarray:
     if img.mode in ("1", "P", "PA"):
         indices = np.asarray(img if img.mode == "1" else img.getchannel(0))
         return (indices != 0).astype(np.float32)
@@ -57,13 +63,26 @@ def read_mask_levels(path) -> np.ndarray:
     return np.clip(values / full, 0, 1)
 
 
+def read_mask_grey8(path) -> np.ndarray:
+    """HxW uint8 object levels 0-255: an 8-bit grey mask's own values, any other encoding's levels scaled to
+    255. DUTSv2's grey masks are resized as such 8-bit images, as the authors' loader resizes them."""
+    img = read_image(path)
+    if img.mode == "L" and np.asarray(img).max(initial=0) > 1:
+        return np.asarray(img)
+    return np.round(_levels(img, path) * 255).astype(np.uint8)
+
+
 def read_mask(path, rule: str) -> np.ndarray:
-    """HxW uint8 0/1 object mask under the dataset's rule."""
-    levels = read_mask_levels(path)
+    """HxW uint8 0/1 object mask under the dataset's rule. In "nonzero" datasets palette index 255 is the void
+    label (DAVIS's convention), which the authors' loaders turn into background: so does this."""
     if rule == "nonzero":
-        return (levels > 0).astype(np.uint8)
+        img = read_image(path)
+        if img.mode in ("P", "PA"):
+            indices = np.asarray(img.getchannel(0))
+            return ((indices != 0) & (indices != VOID_INDEX)).astype(np.uint8)
+        return (_levels(img, path) > 0).astype(np.uint8)
     if rule == "grey":
-        return (levels > 0.5).astype(np.uint8)
+        return (read_mask_levels(path) > 0.5).astype(np.uint8)
     raise ValueError(f"unknown mask rule {rule!r}; expected one of {MASK_RULES}")
 
 
