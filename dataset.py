@@ -1,4 +1,4 @@
-"""Datasets in the layouts of the authors' pre-processed archives (README, 'Data').
+"""Datasets in the layouts of the authors' pre-processed archives (docs/data.md, 'Dataset layouts').
 
 Every dataset is described by a DatasetSpec (data, not code): a new test set in the standard layout is one
 entry of DATASETS, and `run.py --test`, `python -m tools.toydata` and the tests pick it up. `scan`

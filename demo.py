@@ -36,6 +36,7 @@ ORIENTATION_TAG = 0x0112  # EXIF orientation
 
 def open_video(video_path: Path) -> cv2.VideoCapture:
     capture = cv2.VideoCapture(str(video_path))
+    capture.set(cv2.CAP_PROP_ORIENTATION_AUTO, 1)  # upright as players show it (a phone's rotation metadata)
     if not capture.isOpened():
         raise UserError(f"{video_path} is not a readable video file (expected one of {', '.join(VIDEO_EXTENSIONS)} "
                         f"or a folder of frames)")

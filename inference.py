@@ -31,7 +31,7 @@ from dataset import Video, VideoFrames
 from model.depthflow import DepthFlow, class_masks, resize_bicubic
 from transforms import to_float
 from utils import loading
-from utils.device import DeviceQueue, PinnedStaging, autocast_context, check_compiler, compile_failure
+from utils.device import DeviceQueue, PinnedStaging, autocast_context, check_compiler, compile_failure, out_of_memory
 from utils.errors import UserError
 from utils.progress import progress as progress_bar
 
@@ -175,7 +175,7 @@ class Segmenter:
                 yield from self._collect(previous, videos, stats)
                 bar.update(len(previous.keys))
 
-    def _to_device(self, pixels: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_device(self, pixels: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """A loader batch (BxHxWx3 uint8 images, BxH'xW'x3 flows) -> BxCxHxW float32 images and flows on the
         device, padded to --batch-size where the network must see one shape."""
         planes = []
@@ -205,7 +205,7 @@ class Segmenter:
         n, size = len(keys), tuple(pixels[0].shape[1:3])
         try:
             with torch.inference_mode():
-                image, flow = self._to_device(pixels)
+                image, flow = self.to_device(pixels)
                 self._warm_up(image, flow, size)
                 start_time, start = time.perf_counter(), self.queue.mark(timing=True)
                 logits = self.logits(image, flow, size)
@@ -214,7 +214,9 @@ class Segmenter:
                 done = self.queue.mark()
             return _InFlight(keys, pixels, masks, time.perf_counter() - start_time,
                              (start, end, done) if self.queue.gpu else ())
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not out_of_memory(err):
+                raise
             h, w = size
             raise UserError(f"out of {'GPU' if self.queue.gpu else 'host'} memory segmenting {where()} ({w}x{h} "
                             f"frames) with --batch-size {self.options.batch_size}; lower --batch-size") from None
@@ -225,11 +227,9 @@ class Segmenter:
             return
         try:
             self.logits(image, flow, size)
-        except torch.OutOfMemoryError:
-            raise
         except Exception as err:
-            if not self.options.compile:
-                raise
+            if out_of_memory(err) or not self.options.compile:
+                raise  # the caller's one line for memory
             raise compile_failure(err, "the network") from None
         if self.queue.gpu:
             torch.cuda.synchronize(self.device)

@@ -98,6 +98,38 @@ def train(recipe: Recipe, settings: RunSettings, stop: StopRequests, given: froz
     return output
 
 
+def training_data(recipe: Recipe, settings: RunSettings, output: Path):
+    """(samples, the dataset that picks best.pth, its videos): the sources without the videos that select
+    best.pth, checked to be disjoint from them, and the output checked to lie outside every input."""
+    def root(name: str) -> Path:
+        return dataset_root(DATASETS[name], settings.data_root, settings.dataset_roots.get(name))
+
+    def videos(name: str):
+        return scan(DATASETS[name], root(name))
+
+    val_spec, val_videos = None, None
+    if recipe.selection == "davis":
+        val_spec, val_videos = DATASETS[VALIDATION_DATASET], videos(VALIDATION_DATASET)
+    elif recipe.selection == "heldout":  # a seeded share of DAVIS 2016 train, never trained on
+        candidates = videos(HELDOUT_DATASET)
+        count = max(1, round(HELDOUT_SHARE * len(candidates)))
+        chosen = set(random.Random(f"heldout/{recipe.seed}").sample(range(len(candidates)), count))
+        val_spec, val_videos = DATASETS[HELDOUT_DATASET], [v for i, v in enumerate(candidates) if i in chosen]
+    selecting = {_folder(v) for v in val_videos or []}
+    held = selecting if recipe.selection == "heldout" else set()
+    sources = [Source(DATASETS[n], [v for v in videos(n) if _folder(v) not in held], k) for n, k in recipe.sources]
+    for source in sources:  # a split list naming a validation video, say
+        if trained := next((v for v in source.videos if _folder(v) in selecting), None):
+            raise UserError(f"{source.spec.title} holds {trained.key}, a video of {val_spec.title}, which picks "
+                            f"best.pth ({trained.frames[0].image.parent}); the training and validation videos must be "
+                            "disjoint")
+    inputs = [root(n) for n, _ in recipe.sources] + ([root(val_spec.name)] if val_videos else [])
+    inputs += [Path(p) for p in (settings.init_checkpoint, settings.pretrained, settings.flow_pretrained) if p]
+    check_outside(output, inputs, "--output")
+    data = TrainingFrames(sources, size=recipe.size, seed=recipe.seed, flip_p=recipe.flip_p)
+    return data, val_spec, val_videos
+
+
 class TrainingRun:
     """One stage of training: set up (data, model and optimiser, resume), then the loop."""
 
@@ -117,16 +149,22 @@ class TrainingRun:
     def _set_up(self, recipe: Recipe) -> None:
         """Resume state, model, data, the output folder, the optimiser, in that order: every check before any
         file of an earlier run is touched."""
-        state = self._resume_state(recipe)
+        state, self.resume_path = resume_state(recipe, self.settings, self.given)
         if state is not None:  # the saved recipe, extended to the epochs asked for
             recipe = replace(Recipe.from_dict(state["recipe"]),
                              epochs=recipe.epochs if "epochs" in self.given else state["recipe"]["epochs"])
         self.recipe = recipe
         torch.manual_seed(recipe.seed)
-        model = self._build_model(state)
+        model = initial_model(recipe, self.settings, self.given, state, say=self.ctx.is_main)
         self.recipe = replace(recipe, backbone=model.backbone, flow_backbone=model.flow_backbone, size=model.size)
-        self._prepare_data()
-        self._claim_output(state is not None)
+        if self.recipe.batch_size % self.ctx.world_size:
+            raise UserError(f"--batch-size {self.recipe.batch_size} must be divisible by the {self.ctx.world_size} "
+                            "processes")
+        self.data, self.val_spec, self.val_videos = training_data(self.recipe, self.settings, self.output)
+        self.global_batches = GlobalBatches(len(self.data), self.recipe.batch_size, self.recipe.seed, self.ctx)
+        self.steps_per_epoch = self.global_batches.steps_per_epoch
+        if self.ctx.is_main:
+            self.lock = claim_output(self.settings, resuming=state is not None)
         self._prepare_optimisation(model)
         self.start_epoch, self.start_step, self.best, self.figures_state = 0, 0, float("-inf"), None
         if state is not None:
@@ -260,23 +298,6 @@ class TrainingRun:
 
     # ---- set-up -----------------------------------------------------------------------------------------
 
-    def _prepare_data(self) -> None:
-        """The sources without the videos that select best.pth, the samples and their global batches."""
-        recipe, ctx = self.recipe, self.ctx
-        if recipe.batch_size % ctx.world_size:
-            raise UserError(f"--batch-size {recipe.batch_size} must be divisible by the {ctx.world_size} processes")
-        self.val_spec, self.val_videos = self._selection_videos()
-        self.sources = [Source(DATASETS[n], self._unselected(self._scan(n)), k) for n, k in recipe.sources]
-        inputs = [self._root(n) for n, _ in recipe.sources] + ([self._root(self.val_spec.name)] if self.val_videos
-                                                                 else [])
-        inputs += [Path(p) for p in (self.settings.init_checkpoint, self.settings.pretrained,
-                                     self.settings.flow_pretrained) if p]
-        check_outside(self.output, inputs, "--output")
-        self._check_disjoint()
-        self.data = TrainingFrames(self.sources, size=recipe.size, seed=recipe.seed, flip_p=recipe.flip_p)
-        self.global_batches = GlobalBatches(len(self.data), recipe.batch_size, recipe.seed, ctx)
-        self.steps_per_epoch = self.global_batches.steps_per_epoch
-
     def _batches(self):
         """One loader for the rest of the run; a batch that fails to load names its epoch and step."""
         plan = self.global_batches.plan(self.start_epoch, self.start_step, self.recipe.epochs)
@@ -303,124 +324,6 @@ class TrainingRun:
         self.staging = PinnedStaging(ctx.device)
         self.epoch_start = time.time()
         self.skipped_seen: dict[int, int] = {}  # fp16 steps skipped in each epoch, at the last look
-
-    def _root(self, name: str) -> Path:
-        return dataset_root(DATASETS[name], self.settings.data_root, self.settings.dataset_roots.get(name))
-
-    def _scan(self, name: str):
-        return scan(DATASETS[name], self._root(name))
-
-    def _selection_videos(self):
-        """(dataset, videos) that pick best.pth: DAVIS 2016 val, a held-out share of DAVIS 2016 train, or none."""
-        selection = self.recipe.selection
-        if selection == "davis":
-            return DATASETS[VALIDATION_DATASET], self._scan(VALIDATION_DATASET)
-        if selection == "heldout":
-            videos = self._scan(HELDOUT_DATASET)
-            count = max(1, round(HELDOUT_SHARE * len(videos)))
-            chosen = set(random.Random(f"heldout/{self.recipe.seed}").sample(range(len(videos)), count))
-            return DATASETS[HELDOUT_DATASET], [v for i, v in enumerate(videos) if i in chosen]
-        return None, None
-
-    def _unselected(self, videos):
-        """A source's videos without those that select best.pth (the held-out ones)."""
-        if self.recipe.selection != "heldout":
-            return videos
-        held = {_folder(v) for v in self.val_videos}
-        return [v for v in videos if _folder(v) not in held]
-
-    def _check_disjoint(self) -> None:
-        """No video that selects best.pth may be trained on (a split list naming a val video, say)."""
-        if self.val_videos is None:
-            return
-        selecting = {_folder(v) for v in self.val_videos}
-        for source in self.sources:
-            for video in source.videos:
-                if _folder(video) in selecting:
-                    raise UserError(f"{source.spec.title} holds {video.key}, a video of {self.val_spec.title}, "
-                                    f"which picks best.pth ({video.frames[0].image.parent}); the training and "
-                                    "validation videos must be disjoint")
-
-    def _resume_state(self, recipe: Recipe) -> dict | None:
-        """The checkpoint to continue, checked against the given recipe fields; or None for a fresh run."""
-        if not self.settings.resume:
-            return None
-        path = self.output / "last.pth" if self.settings.resume == "last" else Path(self.settings.resume)
-        if not path.is_file():
-            raise UserError(f"--resume: no checkpoint at {path} (expected last.pth of an earlier run in --output)")
-        state = read_project_checkpoint(path, training=True)
-        try:
-            saved = Recipe.from_dict(state["recipe"])
-        except (TypeError, KeyError, ValueError):
-            raise UserError(f"{path} was written by an older version of this trainer (no recipe); start a new "
-                            "run from it with --checkpoint") from None
-        asked = replace(saved, **{name: getattr(recipe, name) for name in self.given})
-        if differences := recipe_differences(saved, asked, allowed=RESUMABLE_CHANGES):
-            raise UserError(f"{path} was trained with {', '.join(differences)}; a resumed run keeps its recipe, only "
-                            "--epochs may change (drop the flag, or start a new --output)")
-        if "epochs" in self.given and recipe.epochs < state["epoch"]:
-            raise UserError(f"--epochs {recipe.epochs}: {path} has trained {state['epoch']} epochs already")
-        self.resume_path = path
-        return state
-
-    def _claim_output(self, resuming: bool) -> None:
-        """Lock the output folder for this run (rank 0); a fresh run needs a folder without an earlier run, or
-        --overwrite, which deletes that run's files (never the weights this run starts from)."""
-        if not self.ctx.is_main:
-            return
-        check_writable(self.output)
-        self.lock = FolderLock(self.output, "--output").acquire()
-        if resuming:
-            return
-        found = [name for name in RUN_FILES[:3] if (self.output / name).exists()]
-        if found and not self.settings.overwrite:
-            raise UserError(f"{self.output} holds an earlier run ({found[0]}); continue it with --resume, choose "
-                            "another --output, or start afresh there with --overwrite")
-        earlier = [self.output / name for name in RUN_FILES] + sorted(self.output.glob("epoch_*.pth"))
-        for start in filter(None, (self.settings.init_checkpoint, self.settings.pretrained,
-                                   self.settings.flow_pretrained)):
-            if any(p.exists() and p.resolve() == Path(start).resolve() for p in earlier):
-                raise UserError(f"--overwrite would delete {start}, the weights this run starts from; copy it out "
-                                "of --output first, or choose another --output")
-        for path in earlier:
-            path.unlink(missing_ok=True)
-        for folder in RUN_FOLDERS:
-            shutil.rmtree(self.output / folder, ignore_errors=True)
-
-    def _build_model(self, state: dict | None) -> DepthFlow:
-        recipe, settings = self.recipe, self.settings
-        if state is not None:
-            model = DepthFlow(**state["config"])
-            model.load_state_dict(state["model"])
-            return model
-        if settings.init_checkpoint:
-            model = load_depthflow(settings.init_checkpoint, backbone=recipe.backbone if "backbone" in self.given
-                                   else None, size=recipe.size if "size" in self.given else None)
-            if "flow_backbone" in self.given and recipe.flow_backbone != model.flow_backbone:
-                raise UserError(f"--flow-backbone {recipe.flow_backbone}: {settings.init_checkpoint} holds a "
-                                f"{model.flow_backbone or model.backbone} motion encoder")
-            return model
-        try:
-            model = DepthFlow(recipe.backbone, size=recipe.size, flow_backbone=recipe.flow_backbone)
-        except ValueError as err:
-            raise UserError(f"--backbone {recipe.backbone}: {err}") from None
-        self._load_imagenet(model)
-        return model
-
-    def _load_imagenet(self, model: DepthFlow) -> None:
-        settings, same = self.settings, model.flow_backbone in (None, model.backbone)
-        if settings.pretrained:
-            load_pretrained(model, settings.pretrained, "both" if same and not settings.flow_pretrained
-                            else "appearance")
-        if settings.flow_pretrained:
-            load_pretrained(model, settings.flow_pretrained, "motion")
-        missing = [name for name, given in (("appearance", settings.pretrained),
-                                            ("motion", settings.flow_pretrained or (settings.pretrained and same)))
-                   if not given]
-        if missing and self.ctx.is_main:
-            which = " and ".join(missing) + (" encoders" if len(missing) > 1 else " encoder")
-            print(f"warning: no ImageNet weights for the {which} (--pretrained"
-                  f"{', --flow-pretrained' if not same else ''}): random initialisation")
 
     def _restore(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -491,6 +394,98 @@ class TrainingRun:
             self.log.close()
         if self.lock is not None:
             self.lock.release()
+
+
+def resume_state(recipe: Recipe, settings: RunSettings, given: frozenset[str]) -> tuple[dict | None, Path | None]:
+    """(the checkpoint to continue, its path), checked against the given recipe fields; (None, None) for a fresh
+    run."""
+    if not settings.resume:
+        return None, None
+    path = Path(settings.output) / "last.pth" if settings.resume == "last" else Path(settings.resume)
+    if not path.is_file():
+        raise UserError(f"--resume: no checkpoint at {path} (expected last.pth of an earlier run in --output)")
+    state = read_project_checkpoint(path, training=True)
+    try:
+        saved = Recipe.from_dict(state["recipe"])
+    except (TypeError, KeyError, ValueError):
+        raise UserError(f"{path} was written by an older version of this trainer (no recipe); start a new "
+                        "run from it with --checkpoint") from None
+    asked = replace(saved, **{name: getattr(recipe, name) for name in given})
+    if differences := recipe_differences(saved, asked, allowed=RESUMABLE_CHANGES):
+        raise UserError(f"{path} was trained with {', '.join(differences)}; a resumed run keeps its recipe, only "
+                        "--epochs may change (drop the flag, or start a new --output)")
+    if "epochs" in given and recipe.epochs < state["epoch"]:
+        raise UserError(f"--epochs {recipe.epochs}: {path} has trained {state['epoch']} epochs already")
+    return state, path
+
+
+
+def claim_output(settings: RunSettings, resuming: bool) -> FolderLock:
+    """The output folder's lock, for this run (rank 0's); a fresh run needs a folder without an earlier run, or
+    --overwrite, which deletes that run's files (never the weights this run starts from)."""
+    output = Path(settings.output)
+    check_writable(output)
+    lock = FolderLock(output, "--output").acquire()
+    if resuming:
+        return lock
+    found = [name for name in RUN_FILES[:3] if (output / name).exists()]
+    if found and not settings.overwrite:
+        lock.release()
+        raise UserError(f"{output} holds an earlier run ({found[0]}); continue it with --resume, choose "
+                        "another --output, or start afresh there with --overwrite")
+    earlier = [output / name for name in RUN_FILES] + sorted(output.glob("epoch_*.pth"))
+    for start in filter(None, (settings.init_checkpoint, settings.pretrained,
+                               settings.flow_pretrained)):
+        if any(p.exists() and p.resolve() == Path(start).resolve() for p in earlier):
+            raise UserError(f"--overwrite would delete {start}, the weights this run starts from; copy it out "
+                            "of --output first, or choose another --output")
+    for path in earlier:
+        path.unlink(missing_ok=True)
+    for folder in RUN_FOLDERS:
+        shutil.rmtree(output / folder, ignore_errors=True)
+    return lock
+
+
+
+def initial_model(recipe: Recipe, settings: RunSettings, given: frozenset[str], state: dict | None,
+                  say: bool) -> DepthFlow:
+    """The model a run starts from: the checkpoint it resumes, its --checkpoint, or a new one with ImageNet
+    encoders where --pretrained gives them (`say`: warn of an encoder left random)."""
+    if state is not None:
+        model = DepthFlow(**state["config"])
+        model.load_state_dict(state["model"])
+        return model
+    if settings.init_checkpoint:
+        model = load_depthflow(settings.init_checkpoint, backbone=recipe.backbone if "backbone" in given
+                               else None, size=recipe.size if "size" in given else None)
+        if "flow_backbone" in given and recipe.flow_backbone != model.flow_backbone:
+            raise UserError(f"--flow-backbone {recipe.flow_backbone}: {settings.init_checkpoint} holds a "
+                            f"{model.flow_backbone or model.backbone} motion encoder")
+        return model
+    try:
+        model = DepthFlow(recipe.backbone, size=recipe.size, flow_backbone=recipe.flow_backbone)
+    except ValueError as err:
+        raise UserError(f"--backbone {recipe.backbone}: {err}") from None
+    _load_imagenet(model, settings, say)
+    return model
+
+
+
+def _load_imagenet(model: DepthFlow, settings: RunSettings, say: bool) -> None:
+    same = model.flow_backbone in (None, model.backbone)
+    if settings.pretrained:
+        load_pretrained(model, settings.pretrained, "both" if same and not settings.flow_pretrained
+                        else "appearance")
+    if settings.flow_pretrained:
+        load_pretrained(model, settings.flow_pretrained, "motion")
+    missing = [name for name, given in (("appearance", settings.pretrained),
+                                        ("motion", settings.flow_pretrained or (settings.pretrained and same)))
+               if not given]
+    if missing and say:
+        which = " and ".join(missing) + (" encoders" if len(missing) > 1 else " encoder")
+        print(f"warning: no ImageNet weights for the {which} (--pretrained"
+              f"{', --flow-pretrained' if not same else ''}): random initialisation")
+
 
 
 def _folder(video) -> Path:

@@ -1,4 +1,4 @@
-"""Training-sample transforms (README, 'Training'), as the reference makes them: resize to the square
+"""Training-sample transforms (docs/training.md, 'The recipe'), as the reference makes them: resize to the square
 training size with PIL (bicubic for image and flow, the dataset's rule for the mask), then joint
 horizontal and vertical flips of image, flow and mask.
 

@@ -1,7 +1,7 @@
 """Synthetic optical flow from one still image's depth: the method's training data (DUTSv2).
 
 The paper does not publish its equations, so this conversion is designed from the physics of flow
-(README, 'Synthetic flow for DUTS') and every choice is a parameter:
+(docs/flow_synthesis.md, 'The conversion') and every choice is a parameter:
 
 1. Normalise: D = (d - min d) / (max d - min d) of the relative inverse depth d (disparity; DPT-MiDaS
    outputs exactly that: larger = nearer).

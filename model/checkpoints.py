@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from model import mit_keys
+from model import mit
 from model.depthflow import DepthFlow
 from model.encoders import is_mit, load_imagenet
 from model.mit import HF_LAYER_NORM_EPS, MIT_SPECS
@@ -70,7 +70,7 @@ def detect_format(obj: dict) -> str:
     sd = _unwrap(obj)
     if any(k.startswith("vos.") for k in sd):
         return "released"
-    layout, _ = mit_keys.encoder_weights(sd)
+    layout, _ = mit.encoder_weights(sd)
     return f"{layout}-mit" if layout else "unknown"
 
 
@@ -81,11 +81,11 @@ def released_to_model(state_dict: dict) -> tuple[dict, str]:
     for released, ours in _RELEASED_ENCODERS.items():
         enc = _strip(sd, f"{released}.")
         hf = _strip(enc, _HF_ENCODER_PREFIX)
-        backbone = mit_keys.infer_backbone(hf, "hf")
+        backbone = mit.infer_backbone(hf, "hf")
         if backbone is None:
             raise ValueError(f"the {released} weights match no MiT layout ({MIT_NAMES})")
         backbones.add(backbone)
-        out.update({f"{ours}.mit.{k}": v for k, v in mit_keys.convert(hf, backbone, "hf", "timm").items()})
+        out.update({f"{ours}.mit.{k}": v for k, v in mit.convert(hf, backbone, "hf", "timm").items()})
         for buffer in ("mean", "std"):
             out[f"{ours}.{buffer}"] = enc[buffer]
     if len(backbones) != 1:
@@ -112,7 +112,7 @@ def model_to_released(model: DepthFlow) -> dict:
     for released, ours in _RELEASED_ENCODERS.items():
         enc = _strip(state_dict, f"{ours}.")
         timm_sd = _strip(enc, "mit.")
-        hf = mit_keys.convert(timm_sd, model.backbone, "timm", "hf")
+        hf = mit.convert(timm_sd, model.backbone, "timm", "hf")
         out.update({f"vos.{released}.{_HF_ENCODER_PREFIX}{k}": v for k, v in hf.items()})
         for buffer in ("mean", "std"):
             out[f"vos.{released}.{buffer}"] = enc[buffer]
@@ -182,7 +182,7 @@ def load_pretrained(model: DepthFlow, path, stream: str = "both") -> str:
         encoder = getattr(model, f"{name}_encoder")
         try:
             layout = load_imagenet(encoder, model.encoders[name], weights, str(path))
-        except (ValueError, mit_keys.KeyMismatch) as err:
+        except (ValueError, mit.KeyMismatch) as err:
             raise UserError(f"{path} does not fit the {name} encoder ({model.encoders[name]['name']}): {err}; "
                             f"expected {PRETRAINED_HINT}") from None
     return layout

@@ -456,6 +456,11 @@ def test_outputs_never_land_on_inputs(toy_copy, tmp_path, check):
           "--device", "cpu", "--output", tmp_path / "o", "--json", toy_copy / "DAVIS/ImageSets/2016/val.txt",
           expect=["--json", "lies inside the input folder"])
     assert (toy_copy / "DAVIS/ImageSets/2016/val.txt").read_text() == "davis_00\ndavis_01\n"
+    checkpoint = _tiny(tmp_path)
+    before = checkpoint.read_bytes()
+    check(run.main, "--test", "--checkpoint", checkpoint, "--data-root", toy_copy, "--datasets", "davis", "--device",
+          "cpu", "--output", tmp_path / "o", "--json", checkpoint, expect=["--json", "which this run reads"])
+    assert checkpoint.read_bytes() == before
     run_dir = tmp_path / "run"
     assert run.main(list(map(str, _train_args(toy_copy, run_dir, "--epochs", "1")))) is None
     check(run.main, *_train_args(toy_copy, run_dir, "--epochs", "1", "--overwrite", "--checkpoint",
@@ -493,8 +498,12 @@ def test_initial_weights_are_one_source(toy_root, tmp_path, check):
     (["--device", "cuda:7"], "--device cuda:7"),
     (["--amp", "bf16", "--device", "cpu"], "--amp bf16 is for GPUs"),
     (["--backbone", "timm:no_such_model"], "--backbone timm:no_such_model"),
-    (["--loss", "ce+focal"], "unknown loss 'focal'"),
-    (["--flip-p", "1.5"], "--flip-p 1.5")])
+    (["--loss", "ce+" + "x" * 9], "unknown loss 'xxxxxxxxx'"),  # a name no registry entry will take
+    (["--loss", "dice+dice"], "dice appears twice"),
+    (["--flip-p", "1.5"], "--flip-p 1.5"),
+    (["--size", "8192"], "--size 8192: expected a multiple of 32 from 32 to 4096"),
+    (["--size", "100000"], "--size 100000"),
+    (["--dist-timeout", "0"], "--dist-timeout 0")])
 def test_flag_values_that_cannot_be_honoured_are_one_line(toy_root, tmp_path, check, flags, expect):
     argv = [a for a in _train_args(toy_root, tmp_path / "t") if a not in ("--device", "cpu")]
     check(run.main, *argv, *flags, expect=[expect])
@@ -543,8 +552,7 @@ def _with_loaders(pid):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("command", "sig"), [("test", signal.SIGKILL), ("test", signal.SIGTERM),
-                                             ("train", signal.SIGKILL), ("train", signal.SIGTERM),
+@pytest.mark.parametrize(("command", "sig"), [("test", signal.SIGTERM), ("train", signal.SIGKILL),
                                              ("train", signal.SIGINT)])
 def test_a_killed_run_leaves_no_process_behind(toy_root, tmp_path, command, sig):
     """SIGKILL or SIGTERM (SLURM, docker stop, timeout) of the program: every process it started ends within
@@ -615,3 +623,84 @@ def test_a_new_test_set_needs_only_its_dataset_spec(tmp_path, monkeypatch, capsy
     results = json.loads((tmp_path / "o/results.json").read_text())["datasets"]
     assert set(results["mine"]["sequences"]) == {"mine_00", "mine_01"} and results["mine"]["metrics"]["J-Mean"] >= 0
     assert len(list((tmp_path / "o/MINE_test").rglob("*.png"))) == 8
+
+
+def test_a_truncated_video_is_refused_not_shortened(tmp_path, check):
+    """A video file whose header announces more frames than it decodes to is damaged: one line, not a demo of
+    its first frames."""
+    import cv2
+
+    clip = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 10, (96, 64))
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        writer.write(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    writer.release()
+    data = clip.read_bytes()
+    clip.write_bytes(data[:len(data) // 2])
+    check(run.main, "--demo", clip, "--checkpoint", _tiny(tmp_path), "--output", tmp_path / "out", "--device", "cpu",
+          expect=[str(clip), "but its header announces 6", "damaged or truncated"])
+
+
+def test_phone_photos_are_segmented_upright(tmp_path, capsys):
+    """JPEG frames with an EXIF orientation (a phone held sideways): masks line up with the frames as every
+    viewer shows them, not as stored."""
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        image = Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
+        exif = image.getexif()
+        exif[0x0112] = 6  # stored landscape, shown rotated a quarter turn: 64 wide, 96 high
+        image.save(frames / f"{i}.jpg", exif=exif)
+    code, _, err = run_main(run.main, "--demo", frames, "--checkpoint", _tiny(tmp_path), "--output", tmp_path / "out",
+                            "--device", "cpu", "--flow", "dis", capsys=capsys)
+    assert code in (0, None), err
+    assert Image.open(tmp_path / "out/masks/0.png").size == (64, 96)
+    assert Image.open(tmp_path / "out/frames/0.jpg").size == (64, 96)
+
+
+def test_a_full_disk_says_so(tmp_path, capsys, monkeypatch):
+    """torch's own report of a full disk ('unexpected pos', from its zip writer) ends as 'no space left on
+    device', naming the file."""
+    import shutil as shutil_module
+
+    from model import convert
+
+    checkpoint = _tiny(tmp_path)
+
+    def full_disk(obj, f, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 3968")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: shutil_module._ntuple_diskusage(10**9, 10**9, 1024))
+    code, _, err = run_main(convert.main, checkpoint, tmp_path / "out.pth", capsys=capsys)
+    assert_one_line_error(code, err, f"cannot use {tmp_path / 'out.pth'}: no space left on device")
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_a_results_folder_never_mixes_two_models(toy_root, tmp_path, capsys):
+    """--test of another checkpoint into a folder holding a first one's figures: refused; --overwrite deletes
+    what the first test wrote (its masks too) and nothing else; the results record the checkpoint."""
+    import hashlib
+
+    first, second = _tiny(tmp_path), tmp_path / "second.pth"
+    torch.manual_seed(1)
+    save_project_checkpoint(second, DepthFlow("mitb0", size=32))
+    out = tmp_path / "o"
+    (out / "mine.txt").parent.mkdir()
+    (out / "mine.txt").write_text("the user's")
+    common = ["--test", "--data-root", toy_root, "--device", "cpu", "--output", out]
+    assert run_main(run.main, *common, "--checkpoint", first, "--datasets", "davis", capsys=capsys)[0] in (0, None)
+    results = json.loads((out / "results.json").read_text())
+    assert results["run"]["checkpoint_sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+    code, _, err = run_main(run.main, *common, "--checkpoint", second, "--datasets", "fbms", capsys=capsys)
+    assert_one_line_error(code, err, "holds figures of another model", "--overwrite")
+    assert run_main(run.main, *common, "--checkpoint", first, "--datasets", "fbms", capsys=capsys)[0] in (0, None)
+    assert set(json.loads((out / "results.json").read_text())["datasets"]) == {"davis", "fbms"}  # same model
+    code, _, err = run_main(run.main, *common, "--checkpoint", second, "--datasets", "fbms", "--overwrite",
+                            capsys=capsys)
+    assert code in (0, None), err
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["datasets"]) == {"fbms"} and results["run"]["checkpoint"] == str(second.resolve())
+    assert not (out / "DAVIS16_val").exists() and (out / "mine.txt").read_text() == "the user's"

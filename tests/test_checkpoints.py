@@ -13,7 +13,7 @@ from model.checkpoints import (
     save_project_checkpoint,
 )
 from model.encoders import describe
-from model.mit_keys import convert
+from model.mit import convert
 from tests.conftest import assert_one_line_error, run_cli, run_main
 from tools.reference_net import random_reference
 

@@ -101,7 +101,7 @@ def test_toy_pipeline_runs_every_step(tmp_path):
 
     out = tmp_path / "toy_demo"
     rc, stdout, err = run_cli("-m", "tools.toy_demo", "--out", out, "--stage1-epochs", "1", "--stage2-epochs", "1",
-                              "--videos", "2", timeout=900)
+                              "--videos", "2", "--frames", "6", "--frame-size", "64x96", timeout=900)
     assert rc == 0, err[-2000:]
     assert stdout.strip().splitlines()[-1].startswith("toy DAVIS 2016 val J&F: ")
     assert "python -m flow_synthesis --duts" in stdout and "toy data" in stdout

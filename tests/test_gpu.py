@@ -11,6 +11,7 @@ near-ties; a trained network has far fewer.
 
 import contextlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -26,6 +27,24 @@ from utils.device import configure
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _restore_gpu_settings():
+    """Every test leaves the precision policy, cuDNN's settings and the current device as it found them (the
+    commands under test set them for their process), so the file passes in any order and under xdist."""
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+             torch.backends.cuda.matmul.allow_tf32, os.environ.get("CUDNN_CONV_WSCAP_DBG"),
+             torch.cuda.current_device())
+    yield
+    torch.set_float32_matmul_precision(saved[0])
+    torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved[1], saved[2]
+    torch.backends.cuda.matmul.allow_tf32 = saved[3]
+    if saved[4] is None:
+        os.environ.pop("CUDNN_CONV_WSCAP_DBG", None)
+    else:
+        os.environ["CUDNN_CONV_WSCAP_DBG"] = saved[4]
+    torch.cuda.set_device(saved[5])
 
 
 def _reference_net():
@@ -195,3 +214,47 @@ def test_peak_gpu_memory_is_set_by_the_batch_not_the_video(tmp_path):
         assert len(list(segmenter.frames(videos, progress=False))) == frames
         peaks[frames] = torch.cuda.max_memory_allocated()
     assert peaks[96] <= 1.05 * peaks[24], peaks
+
+
+@pytest.mark.parametrize(("first", "then"), [("off", "fp16"), ("fp16", "off"), ("bf16", "fp16")])
+def test_resume_on_the_gpu_with_another_precision(toy_root, tmp_path, first, then):
+    """--amp may change on resume: a run saved without loss scaling resumes with it (the scale starts afresh)
+    and the other way round, on the GPU, to the end."""
+    out = tmp_path / "run"
+    common = ["--train", "--backbone", "mitb0", "--size", "64", "--stage", "2", "--datasets", "duts:16,davis_train:16",
+              "--batch-size", "8", "--lr", "5e-4", "--workers", "2", "--device", "cuda", "--selection", "last",
+              "--checkpoint-every", "1", "--data-root", str(toy_root), "--output", str(out)]
+    assert run.main([*common, "--amp", first, "--epochs", "1"]) is None
+    assert run.main([*common, "--amp", then, "--epochs", "2", "--resume"]) is None
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
+
+
+def test_pinned_staging_keeps_two_buffers_and_the_values(toy_root):
+    """Batches of several sizes through the staging: the device gets them exactly, and page-locked memory
+    holds two buffers, not one per batch in flight."""
+    from utils.device import PinnedStaging
+
+    staging = PinnedStaging(CUDA)
+    for i in range(12):
+        batch = torch.randint(0, 256, (8, 64 + 8 * (i % 3), 96, 3), dtype=torch.uint8)
+        (on_device,) = staging(batch)
+        assert torch.equal(on_device.cpu(), batch)
+    assert len([b for b, _ in staging.slots if b is not None]) == 2
+
+
+def test_fp16_overflow_skips_the_step_instead_of_stopping(toy_root, tmp_path, monkeypatch):
+    """A forward pass that overflows fp16 (an infinite logit) gives an infinite loss: GradScaler skips that
+    step and lowers its scale, as designed; training goes on and counts the step as skipped."""
+    import model.depthflow as depthflow
+
+    forward, calls = depthflow.DepthFlow.forward_square, []
+
+    def overflow_once(self, image, flow):
+        logits = forward(self, image, flow)
+        calls.append(1)
+        return logits * float("inf") if self.training and len(calls) == 3 else logits
+
+    monkeypatch.setattr(depthflow.DepthFlow, "forward_square", overflow_once)
+    log = _toy_training(toy_root, tmp_path / "fp16", "fp16", "--epochs", "1", "--selection", "last")
+    assert log[0]["skipped"] == 1 and np.isfinite(log[0]["loss"])

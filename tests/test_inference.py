@@ -191,12 +191,16 @@ def test_compile_without_a_compiler_is_one_line(monkeypatch):
         prepare_model(DepthFlow("mitb0", size=64), InferenceOptions(CPU, compile=True))
 
 
-def test_out_of_memory_names_the_flag(model, toy_root):
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                                                "can't allocate memory: you tried to allocate 21474836480 bytes")])
+def test_out_of_memory_names_the_flag(model, toy_root, error):
+    """Out of device or host memory: one line naming where and the setting to lower."""
     videos = scan(DATASETS["davis"], toy_root / "DAVIS")
     segmenter = Segmenter(model, InferenceOptions(CPU, batch_size=4))
 
     def too_big(image, flow):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        raise error
 
     segmenter.network = too_big
     with pytest.raises(UserError, match="out of host memory segmenting davis_00 \\(frames 00000 to 00003\\) "

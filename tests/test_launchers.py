@@ -73,7 +73,7 @@ def test_a_stopped_process_is_named_after_the_timeout(toy_root, tmp_path):
     """A process stopped (SIGSTOP, a hung file system): the others wait --dist-timeout seconds, then stop with one
     line naming it, instead of gloo's silent 30 minutes. (What follows is torchrun's own report.)"""
     out = tmp_path / "run"
-    proc = _start(_torchrun(toy_root, out, "--epochs", "400", "--dist-timeout", "5", port=29542))
+    proc = _start(_torchrun(toy_root, out, "--epochs", "400", "--dist-timeout", "2", port=29542))
     _wait_until(lambda: (out / "metrics.jsonl").is_file())
     ranks = {_rank_of(p): p for p in children(proc.pid)}
     os.kill(ranks[1], signal.SIGSTOP)
@@ -84,7 +84,7 @@ def test_a_stopped_process_is_named_after_the_timeout(toy_root, tmp_path):
     _, err = proc.communicate(timeout=120)
     ours = [line for line in err.splitlines() if line.startswith("error: ")]
     assert ours[0].startswith("error: process 0 of 2: process 1 of 2 stopped answering"), err[-3000:]
-    assert ours[0].endswith("waited --dist-timeout 5 s")
+    assert ours[0].endswith("waited --dist-timeout 2 s")
 
 
 OUT_OF_MEMORY_ON_RANK_1 = """

@@ -213,3 +213,43 @@ def test_every_figure_of_a_j_dataset_names_its_protocol(toy_root):
     assert set(result["protocols"]) == set(metrics)
     assert "authors" in result["protocols"]["J-Mean"] and "class means" in result["protocols"]["J-Mean over classes"]
     assert all("DAVIS rules" in result["protocols"][k] for k in metrics if k.endswith("(DAVIS rules)"))
+
+
+def test_compare_puts_runs_side_by_side_with_protocols_and_recipe_differences(tmp_path, capsys):
+    """Two test folders (one with test-time augmentation) and a training run: one row per figure and protocol,
+    so figures of different protocols never share a row, and the recipe fields in which the runs differ."""
+    import json
+
+    from tests.conftest import run_main
+    from tools import compare
+
+    def test_folder(name, checkpoint, tta=""):
+        protocols = {"J&F-Mean": "the DAVIS toolkit: every frame", "J-Mean": "the DAVIS toolkit: every frame"}
+        if tta:
+            protocols = {k: f"{v} [{tta}]" for k, v in protocols.items()}
+        folder = tmp_path / name
+        folder.mkdir()
+        results = {"run": {"checkpoint": str(checkpoint)}, "datasets": {"davis": {
+            "metrics": {"J&F-Mean": 0.5, "J-Mean": 0.6}, "protocols": protocols}}}
+        (folder / "results.json").write_text(json.dumps(results))
+        return folder
+
+    for run, seed in (("a", 0), ("b", 3)):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "recipe.json").write_text(json.dumps({"seed": seed, "lr": 1e-5}))
+        (tmp_path / run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "loss": 0.3, "iou": 0.7,
+                                                                  "davis_jf": 0.4}) + "\n")
+    plain = test_folder("plain", tmp_path / "a/best.pth")
+    tta = test_folder("tta", tmp_path / "b/best.pth", tta="TTA scales 1 + flip")
+    code, out, err = run_main(compare.main, plain, tta, tmp_path / "b", "--format", "csv", capsys=capsys)
+    assert code in (0, None), err
+    rows = {line.split(",")[0]: line.split(",")[1:] for line in out.strip().splitlines()}
+    assert rows["recipe: seed"] == ["0", "3", "3"]
+    assert "recipe: lr" not in rows  # the same in every run
+    assert rows["davis J&F-Mean [toolkit]"] == ["0.5000", "-", "-"]
+    assert rows["davis J&F-Mean [toolkit [TTA scales 1 + flip]]"] == ["-", "0.5000", "-"]
+    assert rows["validation davis_jf (best) [toolkit]"] == ["-", "-", "0.4000"]
+    code, out, _ = run_main(compare.main, plain, tta, "--format", "markdown", "--rows", capsys=capsys)
+    assert out.splitlines()[1].startswith("|---|") and out.count("\n") == 4  # a header, its rule, a row per run
+    code, _, err = run_main(compare.main, tmp_path / "nothing", capsys=capsys)
+    assert code == 2 and "neither a --test output" in err

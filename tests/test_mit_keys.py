@@ -3,7 +3,7 @@ import torch
 from timm.models.pvt_v2 import checkpoint_filter_fn
 
 from model import MiTEncoder
-from model.mit_keys import KeyMismatch, convert, expected_keys, infer_backbone
+from model.mit import KeyMismatch, convert, expected_keys, infer_backbone
 from tools.reference_net import hf_config
 
 

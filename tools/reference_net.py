@@ -1,7 +1,7 @@
 """An independent reference DepthFlow for the tests and the benchmark, built the way the authors built theirs.
 
 Encoders are HF transformers 4.x SegformerModel (explicit attention, LayerNorm eps 1e-5); the decoder is a
-separate, plain implementation of the architecture in README 'Architecture'. Its state_dict() is a
+separate, plain implementation of the architecture in docs/design.md, 'The network'. Its state_dict() is a
 released-format checkpoint (`vos.app_encoder.backbone.encoder.*`, `vos.decoder.*`, ...), so a file saved
 from it is what the authors ship. It needs transformers 4.x (requirements-test.txt).
 """

@@ -41,12 +41,15 @@ def main(argv=None):
     parser.add_argument("--stage2-epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--videos", type=int, default=8, help="toy videos per dataset (default 8)")
+    parser.add_argument("--frames", type=int, default=12, help="frames per toy video (default 12)")
+    parser.add_argument("--frame-size", default="96x128", help="toy frame size HxW (default 96x128)")
     args = parser.parse_args(argv)
     out, start = Path(args.out), time.time()
     shutil.rmtree(out, ignore_errors=True)
     data, synthetic = out / "data", out / "data" / "DUTSv2-synth"
     common = [*TOY_SCALE, "--seed", args.seed, "--data-root", data]
-    step("toy datasets", ["-m", "tools.toydata", data, "--seed", args.seed, "--videos", args.videos, "--frames", "12"])
+    step("toy datasets", ["-m", "tools.toydata", data, "--seed", args.seed, "--videos", args.videos, "--frames",
+                          args.frames, "--size", args.frame_size])
     step("DUTS-TR depth -> synthetic flow (DUTSv2)", ["-m", "flow_synthesis", "--duts", data / "DUTS-TR", "--out",
                                                       synthetic, "--depth-dir", data / "DUTS-TR/DUTS-TR-Depth"])
     step("training, stage 1 (YouTube-VOS)",

@@ -34,6 +34,7 @@ from utils.palette import save_palette_mask
 
 DUTS_TR = "duts_tr"  # DUTS-TR in its original layout, with depth maps: the input of python -m flow_synthesis
 MARKER = ".toydata"  # written into ROOT: the folder holds toy data only
+BACKGROUND_SATURATION = 0.0  # grey backgrounds, colourful objects: a cue a small network learns in seconds
 
 
 def texture(rng: np.random.Generator, h: int, w: int, saturation: float) -> np.ndarray:
@@ -63,7 +64,7 @@ class ToyVideo:
 
 def render_video(rng: np.random.Generator, h: int, w: int, n: int) -> ToyVideo:
     margin = 4 * n + 8
-    background = texture(rng, h + 2 * margin, w + 2 * margin, saturation=0.35)
+    background = texture(rng, h + 2 * margin, w + 2 * margin, saturation=BACKGROUND_SATURATION)
     cam_v = rng.integers(-3, 4, size=2)
     cam = [np.array([margin, margin]) + t * cam_v for t in range(n + 1)]
     radii = rng.uniform(0.18, 0.3, size=2) * np.array([h, w])
@@ -98,7 +99,7 @@ def render_video(rng: np.random.Generator, h: int, w: int, n: int) -> ToyVideo:
 
 def render_still(rng: np.random.Generator, h: int, w: int):
     """A DUTS-like still: image, 0/1 mask, disparity in [0, 1] (nearer = larger), and a flow from true motion."""
-    image = texture(rng, h, w, saturation=0.35)
+    image = texture(rng, h, w, saturation=BACKGROUND_SATURATION)
     radii = rng.uniform(0.2, 0.3, size=2) * np.array([h, w])
     center = rng.uniform(radii + 1, np.array([h, w]) - radii - 1)
     mask = ellipse_mask(h, w, center, radii)

@@ -14,6 +14,7 @@ Decisions between processes (stop, failure) go through a host (gloo) group, so t
 queued work, and with a timeout (--dist-timeout): a process that does not answer is named.
 """
 
+import atexit
 import datetime
 import os
 import threading
@@ -154,31 +155,42 @@ def peer_lost(err: BaseException, ctx: Context) -> UserError | None:
 class Heartbeat:
     """Each process counts up a key of the launcher's key-value store every second, from a thread of its own,
     so that when a collective times out the processes whose count stands still (stopped, hung, gone) can be
-    named: a collective's own error does not say which peer failed."""
+    named: a collective's own error does not say which peer failed.
+
+    The thread is stopped and joined when the program ends (atexit, before Python tears itself down): a
+    thread still inside a call of torch's C++ at that moment would be unwound through it and abort the
+    process ("terminate called without an active exception")."""
 
     EVERY_S = 1.0
 
     def __init__(self, rank: int):
         self.rank = rank
         self.store = _store()
-        threading.Thread(target=self._beat, name="depthflow-heartbeat", daemon=True).start()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="depthflow-heartbeat", daemon=True)
+        self.thread.start()
+        atexit.register(self.stop)
 
     def _beat(self) -> None:
         try:
-            while True:
+            while not self.stopping.is_set():
                 self.store.add(f"depthflow/heartbeat/{self.rank}", 1)
-                time.sleep(self.EVERY_S)
+                self.stopping.wait(self.EVERY_S)
         except Exception:  # the store goes when the launcher does; a heartbeat never stops a run
             return
 
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=10)
+
     @classmethod
     def silent(cls, ctx: Context) -> list[int]:
-        """The other processes whose count did not move over three beats (empty if the store cannot tell)."""
+        """The other processes whose count did not move over two beats (empty if the store cannot tell)."""
         try:
             store = _store()
             keys = [f"depthflow/heartbeat/{r}" for r in range(ctx.world_size) if r != ctx.rank]
             before = [store.add(k, 0) for k in keys]
-            time.sleep(3 * cls.EVERY_S)
+            time.sleep(2 * cls.EVERY_S)
             after = [store.add(k, 0) for k in keys]
         except Exception:
             return []

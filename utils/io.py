@@ -191,6 +191,8 @@ def check_outside(output, inputs, what: str) -> None:
     out = Path(output).resolve()
     for folder in inputs:
         folder = Path(folder).resolve()
+        if out == folder:
+            raise UserError(f"{what} {output} is {folder}, which this run reads; outputs must go elsewhere")
         if out.is_relative_to(folder):
             raise UserError(f"{what} {output} lies inside the input folder {folder}; outputs must go elsewhere")
 

@@ -24,7 +24,7 @@ def davis_palette() -> list[int]:
 
 DAVIS_PALETTE = davis_palette()
 
-# How each dataset's annotation files become object masks (README, 'Data'): "nonzero" (DAVIS, YouTube-VOS,
+# How each dataset's annotation files become object masks (docs/data.md, 'Masks'): "nonzero" (DAVIS, YouTube-VOS,
 # Long-Videos: any label is the object) or "grey" (DUTS, FBMS, YouTube-Objects: the brighter half of the grey
 # levels is the object).
 MASK_RULES = ("nonzero", "grey")
