@@ -125,3 +125,15 @@ def test_out_of_memory_on_another_process_keeps_the_finished_steps(toy_root, tmp
     assert f"(process 1 of 2); saved {out / 'last.pth'} at epoch 2, step 2: continue with --resume" in err
     state = read_project_checkpoint(out / "last.pth")
     assert (state["epoch"], state["step"]) == (1, 2) and state["figures"] is None
+
+
+@pytest.mark.skipif(not os.environ.get("DEPTHFLOW_SOAK"), reason="20 two-process trainings, about 6 minutes: set "
+                    "DEPTHFLOW_SOAK=1")
+def test_two_process_training_ends_cleanly_every_time(toy_root, tmp_path):
+    """A rank that aborts at exit now and then ("terminate called without an active exception": a thread left
+    inside a torch C++ call while Python tears down) shows only over many runs; this runs 20 (DEPTHFLOW_SOAK_RUNS)."""
+    for run_index in range(int(os.environ.get("DEPTHFLOW_SOAK_RUNS", "20"))):
+        out = tmp_path / f"run{run_index}"
+        proc = _start(_torchrun(toy_root, out, "--epochs", "2", port=29544))
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "terminate called" not in err, (run_index, err[-3000:])

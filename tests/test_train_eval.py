@@ -57,6 +57,8 @@ def test_test_command_writes_masks_tables_and_json(trained, toy_root, tmp_path, 
     assert code == 0
     for title in ("DAVIS 2016 val", "FBMS test", "YouTube-Objects", "Long-Videos", "J&F-Mean", "per class"):
         assert title in stdout
+    # Output to a file (as under SLURM or nohup): progress as plain lines, each dataset's last one saying so.
+    assert "DAVIS 2016 val: 16/16 frames" in stdout and "done in" in stdout
     for folder, video in (("DAVIS16_val", "davis_01"), ("FBMS_test", "fbms_00"), ("YTOBJ", "aeroplane/0002"),
                           ("LVID", "lvid_01")):
         masks = sorted((out / folder / video).glob("*.png"))
@@ -296,6 +298,28 @@ def test_tensorboard_logs_the_epoch_figures(toy_root, tmp_path):
     assert [e.step for e in events.Scalars("loss")] == [1]
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")  # tensorboard's own notices
+def test_the_tensorboard_viewer_starts_in_this_environment():
+    """`tensorboard --logdir` imports its default plugins, and with them pkg_resources (setuptools < 81)."""
+    pytest.importorskip("tensorboard")
+    import tensorboard.default
+
+    assert tensorboard.default.get_plugins()
+
+
+def test_a_recipe_file_is_a_run_recipe(toy_root, tmp_path):
+    """recipe.json of a run, given to --recipe, gives the same recipe; flags given beside it win."""
+    first = train(_small_args(toy_root, tmp_path / "a", "--epochs", "1", "--seed", "4", "--loss", "ce+0.5*dice"))
+    recipe = json.loads((first / "recipe.json").read_text())
+    assert recipe["seed"] == 4 and recipe["loss"] == "ce+0.5*dice"
+    second = train(run.parse_args(["--train", "--recipe", str(first / "recipe.json"), "--lr", "2e-4", "--workers",
+                                   "0", "--device", "cpu", "--data-root", str(toy_root), "--output",
+                                   str(tmp_path / "b")]))
+    again = json.loads((second / "recipe.json").read_text())
+    assert {**recipe, "lr": 2e-4} == again
+    assert json.loads((second / "run.json").read_text())["recipe"] == again
+
+
 def test_tensorboard_without_its_package_is_one_line(toy_root, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
     code, _, err = run_main(run.main, *map(str, ["--train", "--backbone", "mitb0", "--size", "32", "--stage", "2",
@@ -325,6 +349,12 @@ def test_the_report_shows_every_sequence_and_the_worst_ones(trained, toy_root, t
     pictures = sorted((out / "report_files").rglob("*.jpg"))
     assert len(pictures) == 2 * 4 + 3 * 4 and all(f'src="{p.relative_to(out).as_posix()}"' in page for p in pictures)
     assert "the DAVIS rules (J, F, Decay) on the annotated frames" in page and "class means" in page
+    assert "<svg" in page and "(J 0." in page  # each sequence's J curve; strips labelled with frame and J
+    # A rerun into the same folder with fewer datasets leaves no picture of the earlier run.
+    code, _, err = run_main(run.main, "--test", "--checkpoint", trained / "best.pth", "--data-root", toy_root,
+                            "--datasets", "davis", "--output", out, "--device", "cpu", capsys=capsys)
+    assert code in (0, None), err
+    assert sorted(p.parent.name for p in (out / "report_files").rglob("*.jpg")) == ["0"] * 8
     code, stdout, err = run_main(evaluator.main, "--dataset", "davis", "--data-root", toy_root, "--results",
                                  out / "DAVIS16_val", "--json", tmp_path / "scores/davis.json", capsys=capsys)
     assert code == 0 and (tmp_path / "scores/DAVIS16_val_report.html").is_file(), err
