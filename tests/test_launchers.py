@@ -127,7 +127,7 @@ def test_out_of_memory_on_another_process_keeps_the_finished_steps(toy_root, tmp
     assert (state["epoch"], state["step"]) == (1, 2) and state["figures"] is None
 
 
-@pytest.mark.skipif(not os.environ.get("DEPTHFLOW_SOAK"), reason="20 two-process trainings, about 6 minutes: set "
+@pytest.mark.skipif(not os.environ.get("DEPTHFLOW_SOAK"), reason="20 two-process trainings, about 3 minutes: set "
                     "DEPTHFLOW_SOAK=1")
 def test_two_process_training_ends_cleanly_every_time(toy_root, tmp_path):
     """A rank that aborts at exit now and then ("terminate called without an active exception": a thread left
