@@ -9,7 +9,6 @@ Writes, under --output (default demo_out/<video name>/):
   contact_sheet.png    evenly spaced overlay frames, for a quick look
 """
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from PIL import Image, ImageOps
 
 from dataset import Frame, Video
 from utils.errors import UserError
-from utils.io import FolderLock, frame_size, list_frames, read_json, save_image_atomic, write_text_atomic
+from utils.io import FolderLock, frame_size, list_frames, read_json, save_image_atomic, write_json_atomic
 from utils.palette import save_palette_mask
 from utils.progress import progress
 
@@ -131,7 +130,7 @@ def claim_output(out: Path, source: Path, overwrite: bool) -> None:
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     elif contents:
         raise UserError(f"{out} exists and was not written by --demo; pass another --output")
-    write_text_atomic(json.dumps(here) + "\n", record)
+    write_json_atomic(here, record)
 
 
 def run_demo(args) -> Path:

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from utils.errors import UserError
-from utils.io import atomic_file, image_is_complete, read_image, save_image_atomic
+from utils.io import atomic_file, image_is_complete, json_text, read_image, save_image_atomic
 
 # --depth-model name -> the official weight file
 DEPTH_MODELS = {
@@ -121,5 +121,5 @@ class DepthCache:
         # Not flushed to disk: a map lost to a power cut is estimated again.
         save_image_atomic(Image.fromarray(d16), self.folder / f"{stem}.png", durable=False)
         with atomic_file(self.folder / f"{stem}.json", durable=False) as f:
-            f.write((json.dumps({"model": self.source_name, "image_sha1": image_digest}) + "\n").encode())
+            f.write((json_text({"model": self.source_name, "image_sha1": image_digest}) + "\n").encode())
         return d16.astype(np.float32) / 65535

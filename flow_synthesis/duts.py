@@ -30,8 +30,10 @@ from utils.io import (
     copy_file_atomic,
     file_digest,
     image_is_complete,
+    json_text,
     read_image,
     save_image_atomic,
+    write_json_atomic,
     write_text_atomic,
 )
 from utils.palette import read_mask
@@ -98,23 +100,23 @@ def _finished(duts_root: Path, out_root: Path, stems: list[str], records: dict) 
 
 def _check_settings(out_root: Path, settings: dict) -> None:
     path = out_root / "synthesis.json"
-    settings = json.loads(json.dumps(settings))  # tuples compare as the lists they are stored as
+    settings = json.loads(json_text(settings))  # tuples compare as the lists they are stored as
     if path.is_file():
         if json.loads(path.read_text()) != settings:
             raise UserError(f"{out_root} was made with other settings ({path}); use a new --out or the same "
                             f"settings to resume")
     else:
-        write_text_atomic(json.dumps(settings, indent=2) + "\n", path)
+        write_json_atomic(settings, path)
 
 
 def _append(manifest: Path, record: dict) -> None:
-    append_line(manifest, json.dumps(record), durable=True)
+    append_line(manifest, json_text(record), durable=True)
 
 
 def _merge(out_root: Path, stems: list[str], skipped: list[tuple[str, str]]) -> None:
     """One manifest.jsonl in image order (the parts removed), and skipped.tsv, as one process writes them."""
     records = _records(out_root)
-    write_text_atomic("".join(json.dumps(records[s]) + "\n" for s in stems if s in records),
+    write_text_atomic("".join(json_text(records[s]) + "\n" for s in stems if s in records),
                       out_root / "manifest.jsonl")
     for part in out_root.glob("manifest.*.jsonl"):
         part.unlink()

@@ -40,7 +40,7 @@ from utils.io import (
     list_frames,
     read_rgb,
     save_image_atomic,
-    write_text_atomic,
+    write_json_atomic,
 )
 from utils.progress import progress as progress_bar
 
@@ -141,7 +141,7 @@ def video_flows(frames: list[Path], out_dir: Path, backend, batch_size: int = 4,
             for i, flow in zip(chunk, _flows(frames, chunk, backend)):
                 save_image_atomic(Image.fromarray(flow_to_rgb(flow)), targets[i], quality=95)
                 records[frames[i].stem] = wanted[frames[i].stem]
-            write_text_atomic(json.dumps(records, indent=1, sort_keys=True) + "\n", out_dir / RECORD)
+            write_json_atomic(records, out_dir / RECORD, indent=1, sort_keys=True)
             bar.update(len(chunk))
     return len(todo)
 

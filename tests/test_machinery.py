@@ -17,7 +17,7 @@ from utils.background import all_finite, host_copy
 from utils.device import PinnedStaging
 from utils.epoch_figures import EpochFigures
 from utils.errors import UserError
-from utils.io import FolderLock, strict_json, write_json_atomic
+from utils.io import FolderLock, json_text, strict_json, write_json_atomic
 from utils.launch import launch
 from utils.loading import bounded_workers
 
@@ -155,6 +155,7 @@ def test_json_outputs_are_strict_and_name_undefined_figures(tmp_path):
     text = (tmp_path / "r.json").read_text()
     assert json.loads(text) == {"J-Mean": None, "F": [1.0, None], "ok": 0.5} and "NaN" not in text
     assert strict_json((1.0, float("-inf"))) == [1.0, None]
+    assert json_text({"b": float("nan"), "a": 1}, sort_keys=True) == '{"a": 1, "b": null}'
 
 
 def test_undefined_figures_are_null_and_said(tmp_path, toy_copy, capsys):

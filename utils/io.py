@@ -112,9 +112,14 @@ def strict_json(obj):
     return obj
 
 
-def write_json_atomic(obj, path) -> None:
-    """Strict JSON (an undefined figure is null), atomically."""
-    write_text_atomic(json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n", path)
+def json_text(obj, **dumps_options) -> str:
+    """Strict JSON text: an undefined figure is null, and anything else JSON cannot hold raises."""
+    return json.dumps(strict_json(obj), allow_nan=False, **dumps_options)
+
+
+def write_json_atomic(obj, path, **dumps_options) -> None:
+    """Strict JSON (see json_text) and a newline, atomically; indented by two unless told otherwise."""
+    write_text_atomic(json_text(obj, **{"indent": 2, **dumps_options}) + "\n", path)
 
 
 def copy_file_atomic(source, path, durable: bool = True):

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from utils.errors import UserError
-from utils.io import append_line, strict_json, write_json_atomic, write_text_atomic
+from utils.io import append_line, json_text, write_json_atomic, write_text_atomic
 
 CODE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ class RunLog:
         write_json_atomic(record, self.output / "run.json")
         write_json_atomic(run["recipe"], self.output / "recipe.json")
         if self.board is not None:
-            self.board.add_text("run", "```\n" + json.dumps(record, indent=2) + "\n```")
+            self.board.add_text("run", "```\n" + json_text(record, indent=2) + "\n```")
         need, free = checkpoint_bytes * checkpoints, shutil.disk_usage(self.output).free
         print(f"checkpoints: {checkpoint_bytes / 2**20:.0f} MB each, up to {checkpoints} kept ({need / 2**30:.1f} GB);"
               f" {free / 2**30:.1f} GB free in {self.output}")
@@ -61,7 +61,7 @@ class RunLog:
 
     def epoch(self, record: dict) -> None:
         """One epoch's figures: a metrics.jsonl line, and TensorBoard scalars by epoch."""
-        append_line(self.output / "metrics.jsonl", json.dumps(strict_json(record)))
+        append_line(self.output / "metrics.jsonl", json_text(record))
         if self.board is not None:
             for key, value in record.items():
                 if key != "epoch" and isinstance(value, int | float) and math.isfinite(value):
