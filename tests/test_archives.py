@@ -4,11 +4,13 @@ from a local HTTP server (nothing here touches the network)."""
 import functools
 import hashlib
 import http.server
+import io
 import json
 import os
 import shutil
 import threading
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -64,34 +66,35 @@ def test_toy_data_is_what_the_authors_loaders_read(forms):
 
 
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves files with HTTP Range support (what a resumed download asks for), quietly."""
+    """Serves files with HTTP Range support (what a resumed download asks for). It keeps its log in the server's
+    `log` (the request lines with their Range headers) for tests to read, instead of printing it."""
 
-    def log_message(self, *args):
-        pass
+    def log_message(self, format, *args):
+        self.server.log.append(format % args)
 
     def send_head(self):
         if "Range" not in self.headers:
             return super().send_head()
-        path = self.translate_path(self.path)
-        data = open(path, "rb").read()  # noqa: SIM115  (the handler closes what it returns)
+        self.log_message("Range: %s", self.headers["Range"])
+        data = Path(self.translate_path(self.path)).read_bytes()
         start = int(self.headers["Range"].split("=")[1].split("-")[0])
         self.send_response(206)
         self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.send_header("Content-Length", str(len(data) - start))
         self.end_headers()
-        import io
-
         return io.BytesIO(data[start:])
 
 
 @pytest.fixture
 def server(tmp_path):
+    """(the served folder, its URL, the server's log)."""
     folder = tmp_path / "served"
     folder.mkdir()
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RangeHandler, directory=str(folder)))
+    httpd.log = []
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield folder, f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield folder, f"http://127.0.0.1:{httpd.server_address[1]}", httpd.log
     httpd.shutdown()
 
 
@@ -103,7 +106,7 @@ def _zip(folder, archive, inside: str):
 
 
 def test_fetch_downloads_records_unpacks_and_never_writes_over_foreign_data(toy_root, server, tmp_path, capsys):
-    served, url = server
+    served, url, _ = server
     _zip(toy_root / "FBMS", served / "FBMS.zip", "FBMS_archive/FBMS")
     cache, data = tmp_path / "cache", tmp_path / "data"
     argv = ["fetch", "fbms", "--to", cache, "--data-root", data, "--mirror", url]
@@ -126,7 +129,7 @@ def test_fetch_downloads_records_unpacks_and_never_writes_over_foreign_data(toy_
 
 
 def test_an_interrupted_download_resumes(server, tmp_path, capsys):
-    served, url = server
+    served, url, log = server
     payload = os.urandom(300_000)
     (served / "raft_large_C_T_SKHT_V2-ff5fadd5.pth").write_bytes(payload)
     cache = tmp_path / "cache"
@@ -138,10 +141,11 @@ def test_an_interrupted_download_resumes(server, tmp_path, capsys):
     assert code == 2 and "SHA-256" in err and "ff5fadd5" in err
     bad = cache / "raft_large_C_T_SKHT_V2-ff5fadd5.pth.bad"
     assert bad.read_bytes() == payload and not partial.exists()
+    assert "Range: bytes=100000-" in log  # only the missing part was asked for
 
 
 def test_broken_archives_are_one_line(server, tmp_path, capsys):
-    served, url = server
+    served, url, _ = server
     (served / "LVID.zip").write_bytes(b"not an archive at all")
     code, _, err = run_main(archives.main, "fetch", "lvid", "--to", tmp_path / "c", "--data-root", tmp_path / "d",
                             "--mirror", url, capsys=capsys)
