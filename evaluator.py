@@ -30,7 +30,6 @@ from utils.io import (
     check_outside,
     check_writable,
     file_digest_sha256,
-    image_size,
     read_json,
     write_json_atomic,
     write_text_atomic,
@@ -51,13 +50,14 @@ PROTOCOLS = {
 RULES = " (DAVIS rules)"
 
 
-def truth_score(spec: DatasetSpec, index: int, pred: np.ndarray, frame) -> FrameScore:
-    """One frame's scores against its ground truth. In a sparsely annotated set a blank mask is a placeholder
-    for a frame without annotation (dataset.DatasetSpec.sparse), so it scores as one."""
+def truth_score(spec: DatasetSpec, index: int, pred: np.ndarray, frame, pred_name: str = "") -> FrameScore:
+    """One frame's scores against its ground truth, if it has one. In a sparsely annotated set a blank mask is
+    a placeholder for a frame without annotation (dataset.DatasetSpec.sparse), so it scores as one. A size
+    mismatch names the prediction as `pred_name` (by default, the frame it was segmented from)."""
     gt = read_mask(frame.mask, spec.mask_rule) if frame.mask is not None else None
     if gt is not None and gt.shape != pred.shape:
-        raise UserError(f"mask {frame.mask} is {gt.shape[1]}x{gt.shape[0]}, its frame {frame.image} is "
-                        f"{pred.shape[1]}x{pred.shape[0]} (expected equal sizes)")
+        raise UserError(f"mask {frame.mask} is {gt.shape[1]}x{gt.shape[0]}, {pred_name or f'its frame {frame.image}'}"
+                        f" is {pred.shape[1]}x{pred.shape[0]} (expected equal sizes)")
     if spec.sparse and gt is not None and not gt.any():
         gt = None
     return score_frame(index, pred, gt)
@@ -136,8 +136,6 @@ def finish(frame: SegmentedFrame, spec: DatasetSpec, out_dir: Path | None) -> tu
     video, truth = frame.video, frame.video.frames[frame.index]
     if out_dir is not None:
         save_palette_mask(frame.mask, out_dir / video.key / f"{truth.stem}.png")
-    if truth.mask is None:
-        return video.key, score_frame(frame.index, frame.mask, None)
     return video.key, truth_score(spec, frame.index, frame.mask, truth)
 
 
@@ -170,11 +168,7 @@ def _score_saved_video(job) -> tuple[str, list[FrameScore]]:
         path = Path(results_dir) / video.key / f"{frame.stem}.png"
         if not path.is_file():
             raise UserError(f"missing result mask {path} (expected one PNG per frame, named like the frame)")
-        pred = read_mask(path, "nonzero")
-        if frame.mask is not None and pred.shape != (shape := image_size(frame.mask)):
-            raise UserError(f"result mask {path} is {pred.shape[1]}x{pred.shape[0]}, ground truth {frame.mask} is "
-                            f"{shape[1]}x{shape[0]}")
-        scores.append(truth_score(spec, index, pred, frame))
+        scores.append(truth_score(spec, index, read_mask(path, "nonzero"), frame, f"result mask {path}"))
     return video.key, scores
 
 

@@ -91,6 +91,11 @@ def test_scoring_ground_truth_gives_perfect_scores(toy_root, tmp_path, capsys):
     code, _, err = run_main(evaluator.main, "--dataset", "fbms", "--data-root", toy_root, "--results", results,
                             capsys=capsys)
     assert_one_line_error(code, err, "missing result mask", str(results / "fbms_01"))
+    small = next(results.rglob("*.png"))
+    Image.open(small).resize((8, 8)).save(small)
+    code, _, err = run_main(evaluator.main, "--dataset", "fbms", "--data-root", toy_root, "--results", results,
+                            capsys=capsys)
+    assert_one_line_error(code, err, f"result mask {small} is 8x8", "expected equal sizes")
 
 
 def _small_args(toy_root, out, *extra, model=("--backbone", "mitb0", "--size", "32")):
