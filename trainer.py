@@ -419,23 +419,29 @@ def resume_state(recipe: Recipe, settings: RunSettings, given: frozenset[str]) -
     return state, path
 
 
-
 def claim_output(settings: RunSettings, resuming: bool) -> FolderLock:
     """The output folder's lock, for this run (rank 0's); a fresh run needs a folder without an earlier run, or
     --overwrite, which deletes that run's files (never the weights this run starts from)."""
     output = Path(settings.output)
     check_writable(output)
     lock = FolderLock(output, "--output").acquire()
-    if resuming:
-        return lock
+    try:
+        if not resuming:
+            _clear_earlier_run(settings)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _clear_earlier_run(settings: RunSettings) -> None:
+    output = Path(settings.output)
     found = [name for name in RUN_FILES[:3] if (output / name).exists()]
     if found and not settings.overwrite:
-        lock.release()
         raise UserError(f"{output} holds an earlier run ({found[0]}); continue it with --resume, choose "
                         "another --output, or start afresh there with --overwrite")
     earlier = [output / name for name in RUN_FILES] + sorted(output.glob("epoch_*.pth"))
-    for start in filter(None, (settings.init_checkpoint, settings.pretrained,
-                               settings.flow_pretrained)):
+    for start in filter(None, (settings.init_checkpoint, settings.pretrained, settings.flow_pretrained)):
         if any(p.exists() and p.resolve() == Path(start).resolve() for p in earlier):
             raise UserError(f"--overwrite would delete {start}, the weights this run starts from; copy it out "
                             "of --output first, or choose another --output")
@@ -443,8 +449,6 @@ def claim_output(settings: RunSettings, resuming: bool) -> FolderLock:
         path.unlink(missing_ok=True)
     for folder in RUN_FOLDERS:
         shutil.rmtree(output / folder, ignore_errors=True)
-    return lock
-
 
 
 def initial_model(recipe: Recipe, settings: RunSettings, given: frozenset[str], state: dict | None,
@@ -470,7 +474,6 @@ def initial_model(recipe: Recipe, settings: RunSettings, given: frozenset[str], 
     return model
 
 
-
 def _load_imagenet(model: DepthFlow, settings: RunSettings, say: bool) -> None:
     same = model.flow_backbone in (None, model.backbone)
     if settings.pretrained:
@@ -485,7 +488,6 @@ def _load_imagenet(model: DepthFlow, settings: RunSettings, say: bool) -> None:
         which = " and ".join(missing) + (" encoders" if len(missing) > 1 else " encoder")
         print(f"warning: no ImageNet weights for the {which} (--pretrained"
               f"{', --flow-pretrained' if not same else ''}): random initialisation")
-
 
 
 def _folder(video) -> Path:

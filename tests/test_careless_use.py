@@ -26,7 +26,7 @@ from utils import distributed
 from utils.batches import GlobalBatches
 from utils.errors import UserError
 from utils.interrupts import StopRequests
-from utils.io import append_line, save_image_atomic, save_torch_atomic, write_text_atomic
+from utils.io import FolderLock, append_line, save_image_atomic, save_torch_atomic, write_text_atomic
 
 
 def _train_args(toy_root, out, *extra):
@@ -466,6 +466,7 @@ def test_outputs_never_land_on_inputs(toy_copy, tmp_path, check):
     check(run.main, *_train_args(toy_copy, run_dir, "--epochs", "1", "--overwrite", "--checkpoint",
                                  run_dir / "last.pth"), expect=["--overwrite would delete", "last.pth"])
     assert (run_dir / "last.pth").is_file()
+    FolderLock(run_dir, "--output").acquire().release()  # the refused run let its folder go
     check(run.main, *_train_args(toy_copy, toy_copy / "DAVIS" / "runs"), expect=["lies inside the input folder"])
 
 
