@@ -13,13 +13,17 @@ cross-entropy on two-class logits at 512x512; DAVIS 2016 val J&F every 100 epoch
 """
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from dataset import DATASETS, VALIDATION_DATASET, training_datasets
+from model.encoders import check_backbone
+from model.losses import parse_loss
 from utils.errors import UserError
 
 SELECTIONS = ("davis", "heldout", "last")  # how best.pth is chosen
+MAX_SIZE = 4096  # 8x the paper's side: larger inputs would not fit any GPU's memory (MiT's first stage alone)
 
 
 @dataclass(frozen=True)
@@ -72,20 +76,90 @@ def sources_text(sources) -> str:
 
 
 def parse_sources(text: str) -> tuple[tuple[str, int], ...]:
+    """'duts:384,davis_train:128' -> (("duts", 384), ("davis_train", 128)); ValueError for anything else."""
     sources = []
     for part in text.split(","):
         name, _, samples = part.strip().partition(":")
         if name not in training_datasets():
             why = "unknown" if name not in DATASETS else f"{DATASETS[name].title} is a test set" + (
                 ", and picks best.pth" if name == VALIDATION_DATASET else "")
-            raise UserError(f"--datasets: {name!r} is not a training set ({why}); expected NAME:SAMPLES with NAME "
-                            f"in {', '.join(training_datasets())}")
+            raise ValueError(f"{name!r} is not a training set ({why}); expected NAME:SAMPLES with NAME in "
+                             f"{', '.join(training_datasets())}")
         if not samples.isdigit() or int(samples) < 1:
-            raise UserError(f"--datasets: {part.strip()!r} needs a sample count, for example {name}:128")
+            raise ValueError(f"{part.strip()!r} needs a sample count, for example {name}:128")
         if name in {n for n, _ in sources}:
-            raise UserError(f"--datasets names {name} twice; give it once, with its samples per epoch")
+            raise ValueError(f"{name} named twice; give it once, with its samples per epoch")
         sources.append((name, int(samples)))
     return tuple(sources)
+
+
+# What each field may hold: a check per field that raises ValueError saying what was expected. Flags and
+# recipe files pass through the same checks, so neither can start a run that would do something else.
+def _integer(low: int | None):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+            raise ValueError("expected an integer" + (f" of at least {low}" if low is not None else ""))
+    return check
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _size(value) -> None:
+    _integer(32)(value)
+    if value > MAX_SIZE or value % 32:
+        raise ValueError(f"expected a multiple of 32 from 32 to {MAX_SIZE} (the published model uses 512)")
+
+
+def _lr(value) -> None:
+    if not _is_number(value) or value <= 0:
+        raise ValueError("expected a positive finite learning rate (the recipe uses 1e-5)")
+
+
+def _probability(value) -> None:
+    if not _is_number(value) or not 0 <= value <= 1:
+        raise ValueError("expected a probability in [0, 1]")
+
+
+def _text(check):
+    def checked(value):
+        if not isinstance(value, str):
+            raise ValueError("expected a string")
+        check(value)
+    return checked
+
+
+def _one_of(choices):
+    def check(value):
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(map(str, choices))}")
+    return check
+
+
+def _sources(value) -> None:
+    if not isinstance(value, list | tuple) or not all(isinstance(s, list | tuple) and len(s) == 2 for s in value):
+        raise ValueError('expected a list of [dataset, samples] pairs, for example [["duts", 384]]')
+    parse_sources(sources_text(value))
+
+
+FIELD_CHECKS = {
+    "stage": _one_of(tuple(STAGES)), "sources": _sources, "epochs": _integer(1), "batch_size": _integer(1),
+    "lr": _lr, "size": _size, "backbone": _text(check_backbone),
+    "flow_backbone": lambda v: v is None or _text(check_backbone)(v), "flip_p": _probability,
+    "loss": _text(parse_loss), "selection": _one_of(SELECTIONS), "val_every": _integer(1), "seed": _integer(None),
+}
+
+
+def check_fields(values: dict, label) -> None:
+    """Each value one its recipe field can hold; otherwise one line, where `label(field)` names the value's
+    origin (a flag, a recipe file's field)."""
+    for name, value in values.items():
+        try:
+            FIELD_CHECKS[name](value)
+        except ValueError as err:
+            shown = sources_text(value) if name == "sources" and isinstance(value, tuple) else value
+            raise UserError(f"{label(name)} {shown}: {err}") from None
 
 
 def recipe_differences(saved: Recipe, asked: Recipe, allowed=()) -> list[str]:
@@ -114,8 +188,9 @@ def read_recipe_file(path) -> dict:
     known = {f.name for f in fields(Recipe)}
     if unknown := sorted(set(values) - known):
         raise UserError(f"--recipe {path}: unknown field {unknown[0]!r}; expected fields of {', '.join(sorted(known))}")
+    check_fields(values, lambda name: f"--recipe {path}: {name}")
     if "sources" in values:
-        values["sources"] = parse_sources(sources_text(values["sources"]))
+        values["sources"] = tuple((name, samples) for name, samples in values["sources"])
     return values
 
 

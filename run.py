@@ -11,15 +11,11 @@ import sys
 from dataclasses import fields
 
 from dataset import DATASETS, DEFAULT_DATA_ROOT, test_datasets
-from model.encoders import check_backbone
-from model.losses import parse_loss
 from model.mit import MIT_SPECS
-from recipe import SELECTIONS, STAGES, Recipe, build_recipe, parse_sources, read_recipe_file
+from recipe import RECIPE_FLAGS, SELECTIONS, STAGES, Recipe, build_recipe, check_fields, parse_sources, read_recipe_file
 from utils.device import AMP_MODES, default_workers, device_type
 from utils.errors import ArgumentParser, UserError, cli_entry
 from utils.interrupts import stop_requests
-
-MAX_SIZE = 4096  # 8x the paper's side: larger inputs would not fit any GPU's memory (MiT's first stage alone)
 
 
 def _root_flags() -> dict[str, str]:
@@ -131,17 +127,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.dataset_roots = {name: getattr(args, f"{flags[spec.folder]}_root") for name, spec in DATASETS.items()}
     if args.output is None and not args.demo:
         args.output = f"runs/stage{args.stage or 1}" if args.train else "outputs"
-    if args.size is not None and not (32 <= args.size <= MAX_SIZE and args.size % 32 == 0):
-        raise UserError(f"--size {args.size}: expected a multiple of 32 from 32 to {MAX_SIZE} (the published model "
-                        "uses 512)")
-    for flag in ("backbone", "flow_backbone"):
-        if getattr(args, flag) is not None:
-            _check_with(f"--{flag.replace('_', '-')}", check_backbone, getattr(args, flag))
     wrong_mode = RECIPE_ONLY if not args.train else INFERENCE_ONLY
     if used := [name for name in wrong_mode if getattr(args, name) is not None]:
         flag = f"--{used[0].replace('_', '-')}"
         raise UserError(f"{flag} is a training option (--train)" if not args.train else
                         f"{flag} is an inference option (--test, --demo); training does not use it")
+    check_fields(_recipe_flags(args), RECIPE_FLAGS.get)  # --size, --backbone, --batch-size serve inference too
     if args.pretrained and args.checkpoint:
         raise UserError("--pretrained and --checkpoint both give initial weights; pass one (--checkpoint: a whole "
                         "DepthFlow model, --pretrained: ImageNet encoder weights)")
@@ -161,43 +152,37 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _check_numbers(args) -> None:
-    """Numbers that would silently do something else than asked (a default, nothing, every epoch)."""
-    at_least = {"--batch-size": (args.batch_size, 1), "--workers": (args.workers, 0), "--epochs": (args.epochs, 1),
-                "--checkpoint-every": (args.checkpoint_every, 1), "--save-every": (args.save_every, 0),
-                "--val-every": (args.val_every, 1)}
+    """Numbers of the run (the recipe's are recipe.check_fields's) that would silently do something else than
+    asked (nothing, every epoch, wait forever)."""
+    at_least = {"--workers": (args.workers, 0), "--checkpoint-every": (args.checkpoint_every, 1),
+                "--save-every": (args.save_every, 0)}
     for flag, (value, low) in at_least.items():
-        if value is not None and value < low:
+        if value < low:
             raise UserError(f"{flag} {value}: expected an integer of at least {low}")
-    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
-        raise UserError(f"--lr {args.lr}: expected a positive finite learning rate (the recipe uses 1e-5)")
-    if args.flip_p is not None and not 0 <= args.flip_p <= 1:
-        raise UserError(f"--flip-p {args.flip_p}: expected a probability in [0, 1]")
     if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
         raise UserError(f"--dist-timeout {args.dist_timeout}: expected a positive number of seconds")
-    if args.loss is not None:
-        _check_with("--loss", parse_loss, args.loss)
 
 
-def _check_with(flag: str, check, value) -> None:
+def _check_with(flag: str, check, value):
     """`check(value)`, its ValueError as one line naming the flag."""
     try:
-        check(value)
+        return check(value)
     except ValueError as err:
         raise UserError(f"{flag}: {err}") from None
+
+
+def _recipe_flags(args) -> dict:
+    """The recipe fields the flags set (but the sources, which --datasets gives in training)."""
+    return {f.name: getattr(args, f.name) for f in fields(Recipe)
+            if f.name != "sources" and getattr(args, f.name) is not None}
 
 
 def recipe_of(args) -> tuple[Recipe, frozenset[str]]:
     """The stage's recipe, the recipe file's fields on it, the flags given on top; and the fields set."""
     file_values = read_recipe_file(args.recipe) if args.recipe else {}
-    flag_values = {f.name: getattr(args, f.name) for f in fields(Recipe)
-                   if f.name != "sources" and getattr(args, f.name) is not None}  # sources: from --datasets
+    flag_values = _recipe_flags(args)
     if args.datasets:
-        flag_values["sources"] = parse_sources(args.datasets)
-    for name, value in {**file_values, **flag_values}.items():
-        if name in ("backbone", "flow_backbone") and value is not None:
-            _check_with(f"--{name.replace('_', '-')}", check_backbone, value)
-        if name == "loss":
-            _check_with("--loss", parse_loss, value)
+        flag_values["sources"] = _check_with("--datasets", parse_sources, args.datasets)
     return build_recipe(file_values, flag_values)
 
 

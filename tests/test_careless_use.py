@@ -510,6 +510,20 @@ def test_flag_values_that_cannot_be_honoured_are_one_line(toy_root, tmp_path, ch
     check(run.main, *argv, *flags, expect=[expect])
 
 
+@pytest.mark.parametrize(("field", "value", "expect"), [
+    ("stage", 5, "expected one of 1, 2"), ("epochs", 0, "at least 1"), ("lr", "1e-5", "positive finite"),
+    ("batch_size", 3.5, "integer"), ("seed", None, "integer"), ("flip_p", 2, "probability"),
+    ("size", 33, "multiple of 32"), ("selection", "best", "davis, heldout, last"), ("loss", "ce+x", "unknown loss"),
+    ("backbone", "mitb9", "unknown backbone"), ("sources", "duts", "[dataset, samples] pairs"),
+    ("sources", [["davis", 8]], "not a training set")])
+def test_recipe_file_values_are_checked_as_the_flags_are(toy_root, tmp_path, check, field, value, expect):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({field: value}))
+    check(run.main, *_train_args(toy_root, tmp_path / "t"), "--recipe", recipe,
+          expect=[f"--recipe {recipe}: {field}", expect])
+    assert not (tmp_path / "t").exists()
+
+
 @pytest.mark.slow
 def test_a_finished_run_resumed_has_nothing_to_do_and_a_resumed_epoch_is_logged_whole(toy_root, tmp_path, capsys):
     """Stopped mid-epoch and resumed, the epoch's logged loss is the whole epoch's, as in an uninterrupted run."""
