@@ -20,7 +20,9 @@ import torch
 from dataset import Frame, Video
 from inference import TTA, InferenceOptions, Segmenter
 from model.checkpoints import load_depthflow
+from model.depthflow import class_masks
 from utils.device import configure, resolve_device
+from utils.errors import UserError
 from utils.io import frame_size, list_frames
 
 
@@ -44,13 +46,13 @@ def segment(model: Segmenter, frame: np.ndarray, flow: np.ndarray) -> np.ndarray
     with torch.inference_mode():
         x, y = model.to_device((image[None], flow_t[None]))
         logits = model.logits(x, y, frame.shape[:2])
-    return (logits[0, 1] > logits[0, 0]).to(torch.uint8).cpu().numpy()
+    return class_masks(logits)[0].cpu().numpy()
 
 
 def segment_folder(model: Segmenter, frames, flows=None, raft_weights=None) -> Iterator[tuple[str, np.ndarray]]:
     """(frame name, mask) for every frame of a folder, in natural order. `flows`: a folder of colour-wheel flow
-    images named like the frames; None computes them into FRAMES/../<folder>_flows (RAFT with `raft_weights`,
-    else OpenCV's DIS), reusing those already made from the same frames."""
+    images named like the frames (.jpg or .png); None computes them into FRAMES/../<folder>_flows (RAFT with
+    `raft_weights`, else OpenCV's DIS), reusing those already made from the same frames."""
     from flow_synthesis.video_flow import make_flow_backend, video_flows
 
     paths = list_frames(frames)
@@ -58,6 +60,9 @@ def segment_folder(model: Segmenter, frames, flows=None, raft_weights=None) -> I
     if flows is None:
         flows = Path(frames).parent / f"{Path(frames).name}_flows"
         video_flows(paths, Path(flows), make_flow_backend("auto", raft_weights, model.device), progress=False)
-    video = Video(Path(frames).name, tuple(Frame(p.stem, p, Path(flows) / f"{p.stem}.jpg", None) for p in paths))
+    flow_of = {p.stem: p for p in list_frames(flows)}
+    if missing := next((p for p in paths if p.stem not in flow_of), None):
+        raise UserError(f"no flow image for frame {missing} in {flows} (expected {missing.stem}.jpg or .png)")
+    video = Video(Path(frames).name, tuple(Frame(p.stem, p, flow_of[p.stem], None) for p in paths))
     for frame in model.frames([video], progress=False):
         yield video.frames[frame.index].stem, frame.mask

@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,6 +55,29 @@ def _predict_directly(model, videos):
                            / 255 for p in (frame.image, frame.flow))
             masks[v, f] = model.predict(image, flow)[0].numpy()
     return masks
+
+
+@pytest.mark.slow
+def test_the_python_api_gives_the_engines_masks(checkpoint, toy_root, tmp_path):
+    """api.segment (one frame) and api.segment_folder (a folder and its flow images) on the CPU: bit for bit
+    the masks of DepthFlow.predict, which the engine and the command line equal."""
+    import api
+
+    segmenter = api.load(checkpoint, device="cpu")
+    video = scan(DATASETS["fbms"], toy_root / "FBMS")[0]
+    want = _predict_directly(segmenter.model, [video])
+    first = video.frames[0]
+    frame, flow = (np.array(Image.open(p).convert("RGB")) for p in (first.image, first.flow))
+    assert np.array_equal(api.segment(segmenter, frame, flow), want[0, 0])
+    masks = dict(api.segment_folder(segmenter, first.image.parent, first.flow.parent))
+    assert list(masks) == [f.stem for f in video.frames]
+    assert all(np.array_equal(masks[f.stem], want[0, i]) for i, f in enumerate(video.frames))
+    assert any(m.any() and not m.all() for m in want.values())
+    flows = tmp_path / "flows"
+    shutil.copytree(first.flow.parent, flows)
+    (flows / first.flow.name).unlink()
+    with pytest.raises(UserError, match=f"no flow image for frame {first.image}"):
+        dict(api.segment_folder(segmenter, first.image.parent, flows))
 
 
 def test_batches_fill_across_videos_of_one_size():
