@@ -204,11 +204,6 @@ def _store():
                          timeout=datetime.timedelta(seconds=10))
 
 
-def any_rank(flag: bool, ctx: Context) -> bool:
-    """True on every rank if it is true on any, so all ranks take the same branch."""
-    return agree_any([flag], ctx)[0]
-
-
 def sum_over_ranks(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
     """The element-wise sum of `tensor` over every rank, as a new tensor (`tensor` itself without torchrun)."""
     if not ctx.distributed:

@@ -25,7 +25,7 @@ def _duration(seconds: float) -> str:
 
 
 class LogLines:
-    """tqdm's small API (update, set_postfix, close), as a line every `every` seconds on stderr."""
+    """tqdm's small API (update, set_postfix, close), as a line every `every` seconds on stdout."""
 
     def __init__(self, total: int | None, desc: str, unit: str, every: float = LOG_SECONDS):
         self.total, self.desc, self.unit, self.every = total, desc, unit, every
