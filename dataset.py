@@ -225,6 +225,16 @@ def scan(spec: DatasetSpec, root) -> list[Video]:
     return videos
 
 
+def annotation_form(frames: int, mask_files: int, blank: int) -> str:
+    """In words, the form of a sparse annotation (DatasetSpec.sparse), from a set's frames, its mask files and
+    how many of them are blank."""
+    if mask_files == frames and not blank:
+        return "a mask with an object for every frame (only the annotated frames kept)"
+    if mask_files == frames:
+        return f"a mask file for every frame, {blank} blank (placeholders for frames without annotation)"
+    return f"mask files for {mask_files} frames" + (f", {blank} blank (placeholders)" if blank else "")
+
+
 class VideoFrames(Dataset):
     """Every frame of a list of videos, for inference, addressed by (video, frame) positions.
 

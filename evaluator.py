@@ -19,7 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from dataset import DATASETS, DEFAULT_DATA_ROOT, DatasetSpec, Video, dataset_root, scan, test_datasets
+from dataset import (
+    DATASETS,
+    DEFAULT_DATA_ROOT,
+    DatasetSpec,
+    Video,
+    annotation_form,
+    dataset_root,
+    scan,
+    test_datasets,
+)
 from inference import InferenceOptions, RunStats, SegmentedFrame, Segmenter
 from utils import distributed
 from utils.background import map_in_threads
@@ -88,14 +97,8 @@ def annotation_line(spec: DatasetSpec, counts: dict) -> str:
     head = f"{spec.title}: {counts['videos']} videos, {counts['frames']} frames"
     if spec.metric == "davis":
         return f"{head}, all annotated; scored on {counts['counted']['davis']} (each video's first and last dropped)"
-    masks, blank, scored = counts["mask_files"], counts["blank_masks"], counts["counted"]["authors"]
-    if masks == counts["frames"] and not blank:
-        form = "a mask with an object for every frame (only the annotated frames kept)"
-    elif masks == counts["frames"]:
-        form = f"a mask file for every frame, {blank} blank (placeholders for frames without annotation)"
-    else:
-        form = f"mask files for {masks} frames" + (f", {blank} blank (placeholders)" if blank else "")
-    return f"{head}, {form}; scored on the {scored} annotated frames"
+    form = annotation_form(counts["frames"], counts["mask_files"], counts["blank_masks"])
+    return f"{head}, {form}; scored on the {counts['counted']['authors']} annotated frames"
 
 
 def summarise(spec: DatasetSpec, videos: list[Video], scores: dict[str, list[FrameScore]]) -> dict:

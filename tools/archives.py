@@ -19,7 +19,6 @@ counts set against each dataset's published size where one is published (docs/da
 """
 
 import argparse
-import hashlib
 import os
 import shutil
 import sys
@@ -32,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dataset import DATASETS, DEFAULT_DATA_ROOT, DatasetSpec, Video, dataset_root, scan
+from dataset import DATASETS, DEFAULT_DATA_ROOT, DatasetSpec, Video, annotation_form, dataset_root, scan
 from utils.background import map_in_threads
 from utils.device import default_workers
 from utils.errors import ArgumentParser, UserError, cli_entry
-from utils.io import read_json, read_rgb, write_json_atomic
+from utils.io import file_digest_sha256, read_json, read_rgb, write_json_atomic
 from utils.palette import read_mask
 from utils.progress import progress
 
@@ -114,14 +113,6 @@ DOWNLOADS = {d.name: d for d in [
 ]}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     return read_json(path) if path.is_file() else {}
@@ -145,7 +136,6 @@ def fetch_file(item: Download, folder: Path, mirror: str | None = None) -> Path:
                         f"{folder / MANIFEST}; it was changed since: move it away to fetch it again")
     url = f"{mirror.rstrip('/')}/{item.file}" if mirror else item.url
     print(f"{item.name}: fetching {url} -> {path} ({item.terms})", flush=True)
-    hasher = hashlib.sha256()
     with progress(None, item.name, unit="byte") as bar:
         done = [0]
 
@@ -155,12 +145,12 @@ def fetch_file(item: Download, folder: Path, mirror: str | None = None) -> Path:
             done[0] = total_done
 
         try:
-            gdown.download(url, str(path), quiet=True, resume=True, progress=advance, hasher=hasher, retries=3)
+            gdown.download(url, str(path), quiet=True, resume=True, progress=advance, retries=3)
         except Exception as err:  # gdown and requests report network trouble with many types
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise UserError(f"{item.name}: download from {url} failed ({reason}); run the same command again to "
                             "resume it") from None
-    sha = _sha256(path)  # the whole file, also the part an earlier run fetched
+    sha = file_digest_sha256(path)  # the whole file, also the part an earlier run fetched
     if item.sha256_prefix and not sha.startswith(item.sha256_prefix):
         bad = path.with_name(path.name + ".bad")
         path.replace(bad)
@@ -212,7 +202,7 @@ def unpack_dataset(item: Download, archive: Path, data_root: Path, overwrite: bo
     """Unpack a dataset archive into data_root/<folder> in the documented layout; never over data it did not
     make (`overwrite` replaces only a folder that this command unpacked)."""
     target = data_root / item.folder
-    sha = _manifest(archive.parent).get(archive.name, {}).get("sha256") or _sha256(archive)
+    sha = _manifest(archive.parent).get(archive.name, {}).get("sha256") or file_digest_sha256(archive)
     if target.exists() or target.is_symlink():
         record = target / UNPACKED
         if not record.is_file() or target.is_symlink():
@@ -246,8 +236,8 @@ def unpack_dataset(item: Download, archive: Path, data_root: Path, overwrite: bo
 def unpack_results(item: Download, archive: Path, overwrite: bool) -> Path:
     """Pre-computed masks, unpacked beside their archive in a folder of their own."""
     target = archive.with_suffix("")
-    if target.exists():
-        if not (target / UNPACKED).is_file():
+    if target.exists() or target.is_symlink():
+        if not (target / UNPACKED).is_file() or target.is_symlink():
             raise UserError(f"{target} exists and was not unpacked by this command; move it away")
         if not overwrite:
             print(f"{item.name}: {target} is unpacked already")
@@ -316,14 +306,7 @@ def check_dataset(spec: DatasetSpec, root: Path, workers: int) -> tuple[bool, st
     counts = list(map_in_threads(_annotated, jobs, workers, backlog=2 * workers))
     frames = sum(len(v.frames) for v in videos)
     masks, annotated = sum(c[0] for c in counts), sum(c[1] for c in counts)
-    if not spec.sparse:
-        form = "a mask for every frame"
-    elif masks == frames and masks == annotated:
-        form = "only annotated frames kept (every mask holds an object)"
-    elif masks == frames:
-        form = f"a mask for every frame, {masks - annotated} blank (placeholders for frames without annotation)"
-    else:
-        form = f"masks on {masks} of the frames" + (f", {masks - annotated} of them blank" if masks > annotated else "")
+    form = annotation_form(frames, masks, masks - annotated) if spec.sparse else "a mask for every frame"
     line = f"{spec.title}: {len(videos)} videos, {frames} frames, {form}, {annotated} with an object"
     published = PUBLISHED.get(spec.name)
     wrong = []
