@@ -120,8 +120,8 @@ def keep_freed_buffers(largest: int = CPU_BUFFERS) -> bool:
 
     By default glibc maps every buffer over a few MB fresh from the kernel and unmaps it when freed, so a CPU
     network that allocates the same activations for every frame pays their page faults every time; with
-    this the next frame reuses the last one's pages. Measured on `run.py --test` with MiT-B0 at 512 on 2 CPU
-    cores: 1.16x faster end to end, peak memory 1.14x (docs/speed.md). Returns False, changing nothing,
+    this the next frame reuses the last one's pages. It pays on `run.py --test` on a CPU, for more peak
+    memory (docs/speed.md has the side-by-side figures). Returns False, changing nothing,
     where the C library is not glibc (or accepts no threshold this large)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
