@@ -253,3 +253,11 @@ def test_compare_puts_runs_side_by_side_with_protocols_and_recipe_differences(tm
     assert out.splitlines()[1].startswith("|---|") and out.count("\n") == 4  # a header, its rule, a row per run
     code, _, err = run_main(compare.main, tmp_path / "nothing", capsys=capsys)
     assert code == 2 and "neither a --test output" in err
+    before = (plain / "results.json").read_text()
+    code, _, err = run_main(compare.main, plain, tta, "--out", plain / "results.json", capsys=capsys)
+    assert code == 2 and "--out" in err and "lies inside the input folder" in err
+    assert (plain / "results.json").read_text() == before
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as log:
+        log.write('{"epoch": 2, "lo')  # a line cut short
+    code, _, err = run_main(compare.main, tmp_path / "b", capsys=capsys)
+    assert code == 2 and "metrics.jsonl is not a metrics log" in err and "line 2" in err

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from utils.errors import ArgumentParser, UserError, cli_entry
-from utils.io import read_json, write_text_atomic
+from utils.io import check_outside, read_json, write_text_atomic
 
 # Short names of the evaluator's protocols (evaluator.PROTOCOLS), for the tables' rows.
 SHORT = {"the DAVIS toolkit": "toolkit", "the authors' code": "authors", "the mean of the class means": "classes",
@@ -62,7 +62,7 @@ def read_run(path: Path) -> dict:
                 "recipe": _recipe_near(run["checkpoint"]) if run.get("checkpoint") else {}}
     log = path / "metrics.jsonl"
     if log.is_file():
-        epochs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        epochs = [_epoch(line, log, n) for n, line in enumerate(log.read_text().splitlines(), 1) if line.strip()]
         if not epochs:
             raise UserError(f"{log} is empty: that run has not finished an epoch")
         last, figures = epochs[-1], {}
@@ -75,6 +75,13 @@ def read_run(path: Path) -> dict:
         recipe = read_json(path / "recipe.json") if (path / "recipe.json").is_file() else {}
         return {"name": str(path), "figures": figures, "checkpoint": str(path / "best.pth"), "recipe": recipe}
     raise UserError(f"{path}: neither a --test output (results.json) nor a training run (metrics.jsonl)")
+
+
+def _epoch(line: str, log: Path, number: int) -> dict:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{log} is not a metrics log this project wrote (line {number}: {err.msg})") from None
 
 
 def table(runs: list[dict], by_rows: bool = False) -> list[list[str]]:
@@ -117,6 +124,8 @@ def main(argv=None):
     parser.add_argument("--rows", action="store_true", help="a run per row (default: a run per column)")
     parser.add_argument("--out", help="write the table to this file (default: print it)")
     args = parser.parse_args(argv)
+    if args.out:
+        check_outside(args.out, args.runs, "--out")
     text = render(table([read_run(Path(p)) for p in args.runs], args.rows), args.format)
     if args.out:
         write_text_atomic(text, args.out)
