@@ -5,11 +5,10 @@
 """
 
 import argparse
-from pathlib import Path
 
 from model.checkpoints import load_depthflow, model_to_released, save_project_checkpoint
 from utils.errors import ArgumentParser, UserError, cli_entry
-from utils.io import save_torch_atomic
+from utils.io import check_outside, save_torch_atomic
 
 
 @cli_entry
@@ -20,8 +19,7 @@ def main(argv=None):
     parser.add_argument("--to", choices=("project", "released"), default="project")
     parser.add_argument("--backbone", help="check the input's backbone")
     args = parser.parse_args(argv)
-    if Path(args.output).resolve() == Path(args.input).resolve():
-        raise UserError(f"{args.output} is the input; write the converted file elsewhere")
+    check_outside(args.output, [args.input], "the output")
     model = load_depthflow(args.input, backbone=args.backbone)
     if args.to == "project":
         save_project_checkpoint(args.output, model)

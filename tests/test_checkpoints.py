@@ -75,6 +75,10 @@ def test_convert_round_trip_is_exact(released, tmp_path, capsys):
     assert {k: config[k] for k in ("backbone", "flow_backbone", "size", "layer_norm_eps")} == \
         {"backbone": "mitb0", "flow_backbone": None, "size": 512, "layer_norm_eps": 1e-5}
     assert config["encoders"]["motion"] == config["encoders"]["appearance"] == describe("mitb0")
+    before = project.read_bytes()
+    rc, _, err = run_main(convert_cmd.main, project, project, capsys=capsys)
+    assert rc == 2 and f"the output {project} is {project}, which this run reads" in err
+    assert project.read_bytes() == before
 
 
 def test_project_checkpoint_keeps_training_state(tmp_path):
