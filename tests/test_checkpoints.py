@@ -75,10 +75,6 @@ def test_convert_round_trip_is_exact(released, tmp_path, capsys):
     assert {k: config[k] for k in ("backbone", "flow_backbone", "size", "layer_norm_eps")} == \
         {"backbone": "mitb0", "flow_backbone": None, "size": 512, "layer_norm_eps": 1e-5}
     assert config["encoders"]["motion"] == config["encoders"]["appearance"] == describe("mitb0")
-    before = project.read_bytes()
-    rc, _, err = run_main(convert_cmd.main, project, project, capsys=capsys)
-    assert rc == 2 and f"the output {project} is {project}, which this run reads" in err
-    assert project.read_bytes() == before
 
 
 def test_project_checkpoint_keeps_training_state(tmp_path):
@@ -217,7 +213,7 @@ def test_conversions_refuse_what_the_released_layout_cannot_hold(tmp_path, capsy
     assert_one_line_error(rc, err, str(small), "cannot keep the internal size 64")
     assert not (tmp_path / "out.pth").exists()
     rc, _, err = run_main(convert_cmd.main, small, small, capsys=capsys)
-    assert_one_line_error(rc, err, "is the input")
+    assert_one_line_error(rc, err, "which this run reads")
 
 
 def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path, capsys):
